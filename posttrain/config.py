@@ -1,0 +1,266 @@
+"""Typed job configs: YAML files validated into one small config per component.
+
+A job file names a `recipe` and an `output_dir`, then one section per component (`model`,
+`tokenizer`, `data`, `optim`, `schedule`, `training`, `metrics`). Each component receives only its
+own section. Validation happens in full before anything starts:
+
+* an unknown key fails with its dotted path and the closest valid key;
+* a wrong type fails with the path and the expected type;
+* cross-field arithmetic (batch sizes that must divide) fails with the numbers.
+
+`load_job(path, overrides)` applies dotted CLI overrides (`training.max_steps=20`) to the raw YAML
+before validation, so an override that names a wrong key fails exactly like a wrong key in the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from posttrain.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated strictly."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArchConfig(Section):
+    """Architecture of a model trained from scratch (when `model.path` is not set).
+
+    The vocabulary size is not set here: it is the tokenizer's size padded to a multiple of 64.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = True
+    rms_norm_eps: float = 1e-6
+
+
+class ModelConfig(Section):
+    """Which model to train: an HF checkpoint directory (`path`) or a fresh one (`arch`)."""
+
+    family: Literal["qwen3"] = "qwen3"
+    path: str | None = None  # local HF directory (config.json + safetensors)
+    arch: ArchConfig | None = None  # from-scratch architecture; exactly one of path / arch
+    dtype: Literal["float32", "bfloat16"] = "float32"  # parameter dtype; CPU runs use float32
+    init_std: float = 0.02  # std of the normal init for from-scratch weights
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.path is None) == (self.arch is None):
+            raise ValueError("set exactly one of model.path (an HF checkpoint) or model.arch (from scratch)")
+        return self
+
+
+class TokenizerConfig(Section):
+    """The HF tokenizer directory; `builtin` is the small tokenizer shipped with posttrain."""
+
+    path: str = "builtin"
+    extra_special_tokens: list[str] = []
+
+
+class SourceConfig(Section):
+    """One JSONL file of samples."""
+
+    path: str
+    # chat: {"messages": [...]}; prompt_completion: {"prompt", "completion"}; text: {"text"}
+    format: Literal["chat", "prompt_completion", "text"]
+    on_error: Literal["raise", "skip"] = "raise"  # skip = drop bad samples, counted in summary.json
+    max_samples: int | None = None  # read at most this many samples (None = all)
+
+
+class DataConfig(Section):
+    """How samples become training rows."""
+
+    train: SourceConfig
+    eval: SourceConfig | None = None
+    max_tokens_per_pack: int  # row length in tokens (with packing) and the per-sample cap
+    packing: bool = True  # False = one sample per row, padded to the longest in the micro-batch
+    pack_open_rows: int = 16  # best-fit packing keeps this many partially filled rows open
+    overlong: Literal["truncate", "drop", "split"] = "truncate"  # samples longer than a row
+    mask: Literal["all_assistant", "last_assistant"] = "all_assistant"  # chat turns that bear loss
+    shuffle: bool = True  # reshuffle sample order every epoch (seeded)
+
+
+class OptimConfig(Section):
+    """AdamW. Weight decay applies to matrices only (not norms or biases)."""
+
+    lr: float
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+class ScheduleConfig(Section):
+    """Learning-rate schedule over optimizer steps: linear warmup then cosine / WSD / constant."""
+
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # final lr as a fraction of optim.lr (cosine and wsd)
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying at the end
+
+
+class TrainingConfig(Section):
+    """The shared training loop. Batch sizes count rows (packed sequences of max_tokens_per_pack)."""
+
+    global_batch_size: int  # rows per optimizer step, over all devices
+    micro_batch_size_per_device: int  # rows per forward/backward on one device
+    max_steps: int | None = None  # optimizer steps; exactly one of max_steps / num_epochs
+    num_epochs: int | None = None
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm (None = no clipping)
+    max_nonfinite_steps: int = 5  # skip steps with a NaN/inf loss or gradient; abort after this many
+    loss_chunk_size_tokens: int = 1024  # cross-entropy chunk: logits never exceed [chunk, vocab]
+    eval_every_steps: int = 0  # 0 = evaluate only at the end (when data.eval is set)
+    save_every_steps: int = 0  # 0 = no periodic checkpoints
+    keep_last_checkpoints: int = 2
+    log_every_steps: int = 1
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+    export_hf: bool = True  # write output_dir/hf at the end
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainingConfig:
+        if (self.max_steps is None) == (self.num_epochs is None):
+            raise ValueError("set exactly one of training.max_steps or training.num_epochs")
+        return self
+
+
+class MetricsConfig(Section):
+    """Where metrics go and how MFU is computed."""
+
+    # peak FLOP/s of one device for MFU; None = measure once with a large matmul (CPU) or use
+    # the nominal bf16 dense peak of a known GPU.
+    peak_flops_per_s: float | None = None
+    progress: Literal["auto", "bar", "plain", "off"] = "auto"  # auto = bar on a TTY, lines otherwise
+
+
+class JobConfig(Section):
+    """A whole job: which recipe, where it writes, and each component's section."""
+
+    recipe: Literal["pretrain", "sft"]
+    output_dir: str
+    seed: int = 0
+    model: ModelConfig
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    data: DataConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig = ScheduleConfig()
+    training: TrainingConfig
+    metrics: MetricsConfig = MetricsConfig()
+
+
+def gradient_accumulation_steps(training: TrainingConfig, world_size: int = 1) -> int:
+    """Micro-batches per optimizer step on each device; the one place this is derived."""
+    per_step = training.micro_batch_size_per_device * world_size
+    if training.global_batch_size % per_step:
+        raise ConfigError(
+            f"training.global_batch_size={training.global_batch_size} is not divisible by "
+            f"micro_batch_size_per_device ({training.micro_batch_size_per_device}) x world size "
+            f"({world_size}) = {per_step}"
+        )
+    return training.global_batch_size // per_step
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (`3`, `1e-4`, `true`, `[a, b]`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def _fields_at(loc: tuple, model: type[BaseModel]) -> list[str]:
+    """Valid keys of the section an error location points into (for 'did you mean')."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        # unwrap `X | None`
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        current = args[0] if args else ann
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        path = ".".join(str(p) for p in loc) or "<top level>"
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            valid = _fields_at(loc, JobConfig)
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            parent = ".".join(str(p) for p in loc[:-1])
+            hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+            lines.append(f"unknown key '{path}'{hint} (valid keys here: {', '.join(valid)})")
+        elif kind == "missing":
+            lines.append(f"missing required key '{path}'")
+        elif kind == "value_error":
+            lines.append(f"{path}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"'{path}': {e['msg'].lower()} (got {e.get('input')!r})")
+    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+
+
+def validate_job(raw: dict[str, Any], source: str = "<dict>") -> JobConfig:
+    """Validate a raw dict into a JobConfig, with readable errors that name the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping")
+    try:
+        cfg = JobConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    gradient_accumulation_steps(cfg.training)  # cross-field arithmetic, before anything starts
+    if cfg.data.max_tokens_per_pack < 8:
+        raise ConfigError(f"data.max_tokens_per_pack={cfg.data.max_tokens_per_pack} is too small (min 8)")
+    return cfg
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML job file, apply dotted overrides, validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = apply_overrides(raw, overrides or [])
+    return validate_job(raw, source=str(path))
+
+
+def dump_job(cfg: JobConfig) -> str:
+    """The resolved config as YAML (written next to checkpoints and given to trackers)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,107 @@
+"""Supervised fine-tuning: next-token loss on the assistant tokens of chat conversations (or on the
+completions of prompt/completion pairs), packed into fixed-length rows with document masks.
+
+Read `train()` top to bottom: tokenizer -> data -> model -> loader -> trainer -> export -> summary.
+The pretrain recipe runs the same flow on raw text (every token bears loss).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from posttrain.config import JobConfig, dump_job, gradient_accumulation_steps
+from posttrain.data.samples import load_samples
+from posttrain.data.tokenizer import Tokenizer
+from posttrain.errors import ConfigError
+from posttrain.metrics.mfu import peak_flops
+from posttrain.train.setup import (
+    Timer,
+    build_model_for,
+    evaluate_loss,
+    export_hf,
+    flops_fn_for,
+    lm_loss_fn,
+    make_loader,
+    seed_everything,
+    total_steps_for,
+    write_summary,
+)
+from posttrain.train.trainer import Trainer
+
+FORMATS = ("chat", "prompt_completion")
+
+
+def train(cfg: JobConfig, formats: tuple[str, ...] = FORMATS) -> dict:
+    """Run the job; returns the summary that is also written to OUTPUT/summary.json."""
+    timer = Timer()
+    for key, source in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if source is not None and source.format not in formats:
+            raise ConfigError(
+                f"{key}.format={source.format!r}: recipe {cfg.recipe!r} takes {' or '.join(formats)}"
+            )
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_job(cfg))
+    seed_everything(cfg.seed)
+
+    # 1. Tokenizer and data.
+    tokenizer = Tokenizer.from_dir(cfg.tokenizer.path, cfg.tokenizer.extra_special_tokens)
+    read = dict(
+        tokenizer=tokenizer,
+        max_len=cfg.data.max_tokens_per_pack,
+        overlong=cfg.data.overlong,
+        mask=cfg.data.mask,
+    )
+    train_samples, train_skips = load_samples(cfg.data.train, **read)
+    eval_samples, eval_skips = load_samples(cfg.data.eval, **read) if cfg.data.eval else ([], {})
+
+    # 2. Model and loss.
+    model, model_cfg = build_model_for(cfg.model, tokenizer, cfg.seed)
+    loss_fn = lm_loss_fn(cfg.training.loss_chunk_size_tokens, num_real_vocab=tokenizer.vocab_size)
+
+    # 3. Loader and trainer.
+    loader = make_loader(cfg.data, cfg.training, train_samples, tokenizer.pad_id, cfg.seed)
+    total_steps = total_steps_for(cfg.training, loader)
+    device = next(model.parameters()).device
+    trainer = Trainer(
+        model,
+        loss_fn,
+        training=cfg.training,
+        optim=cfg.optim,
+        schedule=cfg.schedule,
+        total_steps=total_steps,
+        grad_accum_steps=gradient_accumulation_steps(cfg.training),
+        output_dir=out,
+        config_yaml=dump_job(cfg),
+        flops_fn=flops_fn_for(model_cfg),
+        peak_flops_per_s=peak_flops(cfg.metrics.peak_flops_per_s, device),
+        progress=cfg.metrics.progress,
+    )
+    evaluate = None
+    if eval_samples:
+        evaluate = lambda: evaluate_loss(  # noqa: E731
+            model, eval_samples, cfg.data, cfg.training.micro_batch_size_per_device, tokenizer.pad_id, loss_fn
+        )
+
+    # 4. Train, export, summarise.
+    final = trainer.fit(loader, evaluate)
+    hf_dir = export_hf(model, model_cfg, tokenizer, out / "hf") if cfg.training.export_hf else None
+    summary = {
+        "recipe": cfg.recipe,
+        "status": "finished",
+        "steps": trainer.state.step,
+        "final": final,
+        "skipped_samples": {"train": dict(train_skips), "eval": dict(eval_skips)},
+        "nonfinite_steps": trainer.state.nonfinite_steps,
+        "num_train_samples": len(train_samples),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "tokens_seen": trainer.state.tokens_seen,
+        "fill_rate": loader.fill_rate,
+        "wall_time_s": timer.elapsed_s,
+        "hf_dir": str(hf_dir) if hf_dir else None,
+    }
+    write_summary(out, summary)
+    return summary
+
+
+main = train

@@ -1,0 +1,202 @@
+"""The shared training core: the mechanics no recipe may re-implement.
+
+A recipe hands the trainer a model, a data loader and a `loss_fn(model, batch) -> (loss_sum,
+metrics)` whose `loss_sum` is the *sum* of per-unit losses (units are loss-bearing tokens by
+default). The trainer owns everything that must never drift between recipes:
+
+* gradient accumulation normalised by the loss units of the whole optimizer step, counted before
+  any backward pass, so one micro-batch of 8 rows and 8 micro-batches of 1 row give the same update;
+* gradient clipping, the learning-rate schedule, the optimizer step;
+* non-finite detection: a step with a NaN/inf loss or gradient is skipped and counted, and the run
+  aborts once `max_nonfinite_steps` is reached;
+* periodic full-state checkpoints and exact resume;
+* metrics per optimizer step (loss, lr, grad norm, tokens/s, MFU, peak memory) and progress.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from posttrain.config import OptimConfig, ScheduleConfig, TrainingConfig
+from posttrain.errors import PosttrainError
+from posttrain.metrics.jsonl import JsonlTracker
+from posttrain.metrics.progress import Progress
+from posttrain.train import checkpoint as ckpt
+from posttrain.train.optim import build_optimizer, lr_at, set_lr
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
+
+
+def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Default loss units: positions with a real next-token target."""
+    return int((batch["targets"] != -100).sum())
+
+
+class NonFiniteError(PosttrainError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken (skipped non-finite steps count: their data is consumed)
+    nonfinite_steps: int = 0
+    tokens_seen: int = 0
+    wall_s: float = 0.0
+    last_metrics: dict = field(default_factory=dict)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Trainer:
+    """Runs optimizer steps over a loader; see the module docstring for what it guarantees."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: LossFn,
+        *,
+        training: TrainingConfig,
+        optim: OptimConfig,
+        schedule: ScheduleConfig,
+        total_steps: int,
+        grad_accum_steps: int,
+        output_dir: Path,
+        config_yaml: str,
+        flops_fn: Callable[[list[int]], float],
+        peak_flops_per_s: float,
+        progress: str = "auto",
+        loss_units: Callable[[dict], int] = count_loss_tokens,
+    ):
+        self.model, self.loss_fn, self.loss_units = model, loss_fn, loss_units
+        self.training, self.optim_cfg, self.schedule = training, optim, schedule
+        self.total_steps, self.grad_accum_steps = total_steps, grad_accum_steps
+        self.output_dir, self.config_yaml = Path(output_dir), config_yaml
+        self.flops_fn, self.peak_flops = flops_fn, peak_flops_per_s
+        self.progress_mode = progress
+        self.optimizer = build_optimizer(model, optim)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = next(model.parameters()).device
+        self.state = TrainState()
+
+    # ------------------------------------------------------------------------------ one step
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over `micro_batches`; returns its metrics."""
+        t0 = time.perf_counter()
+        units = sum(self.loss_units(b) for b in micro_batches)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, summed = 0.0, {}
+        for batch in micro_batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            loss, metrics = self.loss_fn(self.model, batch)
+            (loss / max(units, 1)).backward()
+            loss_sum += float(loss.detach())
+            for k, v in metrics.items():
+                summed[k] = summed.get(k, 0.0) + float(v)
+        max_norm = self.training.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        lr = lr_at(self.state.step, self.total_steps, self.optim_cfg.lr, self.schedule)
+        loss_value = loss_sum / max(units, 1)
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if finite:
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        else:
+            self.state.nonfinite_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        dt = time.perf_counter() - t0
+        doc_lens = [n for b in micro_batches for n in b["doc_lens"].tolist()]
+        tokens = sum(doc_lens)
+        self.state.tokens_seen += tokens
+        self.state.wall_s += dt
+        out = {
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "num_loss_tokens": units,
+            "num_tokens": tokens,
+            "tokens_per_s": tokens / dt,
+            "mfu": self.flops_fn(doc_lens) / dt / self.peak_flops,
+            "peak_memory_mb": peak_memory_mb(self.device),
+            "step_time_s": dt,
+            "skipped_nonfinite": int(not finite),
+            **{k: v / max(units, 1) for k, v in summed.items()},
+        }
+        if not finite and self.state.nonfinite_steps >= self.training.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"aborting: {self.state.nonfinite_steps} steps had a non-finite loss or gradient "
+                f"(training.max_nonfinite_steps={self.training.max_nonfinite_steps}); last: loss={loss_value}, "
+                f"grad_norm={grad_norm} at step {self.state.step}"
+            )
+        return out
+
+    # ------------------------------------------------------------------------------ the loop
+    def fit(self, loader, evaluate: Callable[[], dict] | None = None) -> dict:
+        """Train to `total_steps`, resuming first if asked; returns the final metrics."""
+        ckpt_root = self.output_dir / "checkpoints"
+        resumed = self.training.resume and self._resume(loader, ckpt_root)
+        tracker = JsonlTracker(self.output_dir / "metrics.jsonl", resume=resumed)
+        progress = Progress(self.total_steps, "train", self.progress_mode, start=self.state.step)
+        eval_metrics: dict = {}
+        try:
+            while self.state.step < self.total_steps:
+                micro = [loader.next_micro_batch() for _ in range(self.grad_accum_steps)]
+                metrics = self.train_step(micro)
+                metrics["fill_rate"] = loader.fill_rate
+                step = self.state.step
+                if evaluate and self.training.eval_every_steps and step % self.training.eval_every_steps == 0:
+                    eval_metrics = evaluate()
+                    metrics.update(eval_metrics)
+                if step % self.training.log_every_steps == 0 or step == self.total_steps:
+                    tracker.log(metrics, step)
+                self.state.last_metrics = metrics
+                progress.update(step, loss=metrics["loss"], tok_s=round(metrics["tokens_per_s"]))
+                if self.training.save_every_steps and step % self.training.save_every_steps == 0:
+                    self.save(loader, ckpt_root)
+            if evaluate and not (
+                self.training.eval_every_steps and self.state.step % self.training.eval_every_steps == 0
+            ):
+                eval_metrics = evaluate()
+                tracker.log(eval_metrics, self.state.step)
+        finally:
+            progress.close()
+            tracker.close()
+        return {**self.state.last_metrics, **eval_metrics}
+
+    # ------------------------------------------------------------------------------ state
+    def save(self, loader, root: Path) -> Path:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "trainer": vars(self.state).copy(),
+            "data": loader.state_dict(),
+            "rng": ckpt.rng_state(),
+        }
+        return ckpt.save_checkpoint(
+            root, self.state.step, state, self.config_yaml, self.training.keep_last_checkpoints
+        )
+
+    def _resume(self, loader, root: Path) -> bool:
+        path = ckpt.latest_checkpoint(root)
+        if path is None:
+            return False
+        state = ckpt.load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.state = TrainState(**state["trainer"])
+        loader.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])
+        print(f"resumed from {path} at step {self.state.step}", flush=True)
+        return True
