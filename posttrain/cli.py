@@ -45,12 +45,6 @@ def _demo(args) -> int:
     return 0
 
 
-def _verify(args) -> int:
-    from posttrain.models.verify import main as verify_main
-
-    return verify_main(args.rest)
-
-
 def _inspect(args) -> int:
     from posttrain.config import load_job
     from posttrain.data.inspect import inspect
@@ -77,11 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
     demo.set_defaults(fn=_demo)
 
-    verify = sub.add_parser(
-        "verify-model", help="compare our logits with transformers' (see --help)", add_help=False
-    )
-    verify.add_argument("rest", nargs=argparse.REMAINDER)
-    verify.set_defaults(fn=_verify)
+    # Listed for --help only; main() hands its arguments to posttrain.models.verify.
+    sub.add_parser("verify-model", help="compare our logits with transformers' (--family F | --hf-dir DIR)")
 
     data = sub.add_parser("data", help="data tools")
     data_sub = data.add_subparsers(dest="data_verb", required=True)
@@ -95,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["verify-model"]:  # its own argparse owns every flag after the verb
+        from posttrain.models.verify import main as verify_main
+
+        return verify_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -143,7 +143,7 @@ class MetricsConfig(Section):
     # peak FLOP/s of one device for MFU; None = measure once with a large matmul (CPU) or use
     # the nominal bf16 dense peak of a known GPU.
     peak_flops_per_s: float | None = None
-    progress: Literal["auto", "bar", "plain", "off"] = "auto"  # auto = bar on a TTY, lines otherwise
+    progress: Literal["auto", "bar", "plain", "quiet"] = "auto"  # auto = bar on a TTY, lines otherwise
 
 
 class JobConfig(Section):

@@ -34,22 +34,27 @@ def validate_messages(messages: Any, require_assistant: bool = True) -> list[dic
         raise DataError(
             "empty conversation"
             if isinstance(messages, list)
-            else f"conversation must be a list of messages, got {type(messages).__name__}"
+            else f"conversation must be a list of messages, got {type(messages).__name__}",
+            "empty_conversation" if isinstance(messages, list) else "wrong_type",
         )
     for n, message in enumerate(messages, start=1):
         if not isinstance(message, dict):
             raise DataError(
-                f"message {n}: must be a dict with 'role' and 'content', got {type(message).__name__}"
+                f"message {n}: must be a dict with 'role' and 'content', got {type(message).__name__}",
+                "wrong_type",
             )
         role = message.get("role")
         if role not in ROLES:
-            raise DataError(f"message {n}: unknown role {role!r} (expected system, user or assistant)")
+            raise DataError(
+                f"message {n}: unknown role {role!r} (expected system, user or assistant)", "unknown_role"
+            )
         if not isinstance(message.get("content"), str):
             raise DataError(
-                f"message {n}: content must be a string, got {type(message.get('content')).__name__}"
+                f"message {n}: content must be a string, got {type(message.get('content')).__name__}",
+                "wrong_type",
             )
     if require_assistant and not any(m["role"] == "assistant" for m in messages):
-        raise DataError("no assistant turn")
+        raise DataError("no assistant turn", "no_assistant_turn")
     return messages
 
 
@@ -139,5 +144,5 @@ def assistant_labels(
     for start, end in spans:
         labels[start:end] = ids[start:end]
     if all(label == IGNORE_INDEX for label in labels):
-        raise DataError("no loss-bearing tokens: the template rendered no assistant tokens")
+        raise DataError("no loss-bearing tokens: the template rendered no assistant tokens", "no_loss_tokens")
     return ids, labels

@@ -25,12 +25,18 @@ def _clean(value):
 
 
 class JsonlTracker:
-    """Appends to `metrics.jsonl` (append mode: a resumed run continues the same file)."""
+    """Writes `metrics.jsonl`. A run resumed at step k keeps the records up to k and drops the
+    ones a crashed run logged after its last checkpoint, so no step appears twice."""
 
-    def __init__(self, path: Path, resume: bool = False):
+    def __init__(self, path: Path, resume_step: int | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._f = path.open("a" if resume else "w")
+        kept = []
+        if resume_step is not None and path.is_file():
+            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= resume_step]
+        self._f = path.open("w")
+        for record in kept:
+            self._f.write(json.dumps(record) + "\n")
 
     def log(self, metrics: dict, step: int) -> None:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}

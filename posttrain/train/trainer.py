@@ -147,7 +147,9 @@ class Trainer:
         """Train to `total_steps`, resuming first if asked; returns the final metrics."""
         ckpt_root = self.output_dir / "checkpoints"
         resumed = self.training.resume and self._resume(loader, ckpt_root)
-        tracker = JsonlTracker(self.output_dir / "metrics.jsonl", resume=resumed)
+        tracker = JsonlTracker(
+            self.output_dir / "metrics.jsonl", resume_step=self.state.step if resumed else None
+        )
         progress = Progress(self.total_steps, "train", self.progress_mode, start=self.state.step)
         eval_metrics: dict = {}
         try:

@@ -1,0 +1,47 @@
+"""Held-out exact-match accuracy with greedy decoding, per task and overall.
+
+Rows are chat rows (`messages` ending with the reference assistant answer, plus `answer` and
+`task`). `prompt_format="chat"` asks through the chat template, as a user would;
+`prompt_format="text"` asks in the plain pretraining format (`{question} Answer:`), which is how a
+base model that never saw chat markup can still be measured fairly.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from posttrain.data.synthetic import exact_match
+from posttrain.data.tokenizer import Tokenizer
+from posttrain.generate import greedy_generate
+
+
+def _prompt_ids(tokenizer: Tokenizer, row: dict, prompt_format: str) -> list[int]:
+    if prompt_format == "chat":
+        return tokenizer.render_prompt(row["messages"])
+    question = next(m["content"] for m in row["messages"] if m["role"] == "user")
+    return tokenizer.encode(f"{question} Answer:")
+
+
+def exact_match_accuracy(
+    model, tokenizer: Tokenizer, rows: list[dict], *, prompt_format: str = "chat", max_new_tokens: int = 24
+) -> dict:
+    """{"accuracy": overall, "accuracy/<task>": per task, "num": count}."""
+    prompts = [_prompt_ids(tokenizer, row, prompt_format) for row in rows]
+    # Text prompts end where the answer's line ends: the document separator or eos.
+    stops = [tokenizer.end_of_turn_id, tokenizer.eos_id, tokenizer.doc_sep_id]
+    outs = greedy_generate(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        stop_ids=stops,
+        pad_id=tokenizer.pad_id,
+        num_real_vocab=tokenizer.vocab_size,
+    )
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for row, out in zip(rows, outs):
+        ok = exact_match(tokenizer.decode(out, skip_special_tokens=True), row["answer"])
+        hits[row.get("task", "all")].append(ok)
+    total = [h for v in hits.values() for h in v]
+    result = {"accuracy": sum(total) / max(1, len(total)), "num": len(total)}
+    result.update({f"accuracy/{task}": sum(v) / len(v) for task, v in sorted(hits.items())})
+    return result

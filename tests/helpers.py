@@ -1,0 +1,62 @@
+"""Tiny fixtures shared by tests: a small Qwen3, the embedded tokenizer, job configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from posttrain.config import validate_job
+from posttrain.data.tokenizer import Tokenizer
+from posttrain.models.hf_io import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ARCH = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_model(vocab_size: int = 896, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model, cfg = build_model("qwen3", {"vocab_size": vocab_size, **TINY_ARCH, **overrides})
+    return model, cfg
+
+
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_dir("builtin")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def job(tmp_path: Path, train_path: Path, fmt: str = "chat", recipe: str = "sft", **sections) -> dict:
+    """A raw job dict for a tiny from-scratch run; `sections` update the defaults per section."""
+    raw = {
+        "recipe": recipe,
+        "output_dir": str(tmp_path / "out"),
+        "seed": 0,
+        "model": {"arch": dict(TINY_ARCH)},
+        "data": {"train": {"path": str(train_path), "format": fmt}, "max_tokens_per_pack": 128},
+        "optim": {"lr": 3e-3},
+        "training": {"global_batch_size": 4, "micro_batch_size_per_device": 2, "max_steps": 6},
+        "metrics": {"progress": "quiet", "peak_flops_per_s": 1e11},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return raw
+
+
+def job_config(*args, **kwargs):
+    return validate_job(job(*args, **kwargs))
