@@ -10,7 +10,14 @@ class ConfigError(PosttrainError):
 
 
 class DataError(PosttrainError):
-    """A sample that cannot be used: malformed JSON, missing field, bad conversation."""
+    """A sample that cannot be used: malformed JSON, missing field, bad conversation.
+
+    `reason` is a short key (e.g. `malformed_json`) under which `on_error: skip` counts it.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid_sample"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class ModelError(PosttrainError):

@@ -131,15 +131,10 @@ def load_samples(
             sample = render(record)
         except DataError as err:
             if source.on_error == "raise":
-                raise DataError(f"{path}:{lineno}: {err.args[0]}") from None
-            skips[_reason(err)] += 1
+                raise DataError(f"{path}:{lineno}: {err}", err.reason) from None
+            skips[err.reason] += 1
             continue
         out.extend(fit_length(sample, max_len, overlong, skips))
     if not out:
         raise DataError(f"{path}: no usable samples (skipped: {dict(skips) or 'none'})")
     return out, skips
-
-
-def _reason(err: DataError) -> str:
-    """A short counter key for a DataError: its second argument when given, else a generic one."""
-    return err.args[1] if len(err.args) > 1 else "invalid_sample"

@@ -23,7 +23,10 @@ from posttrain.models.hf_io import load_pretrained
 from posttrain.recipes import pretrain, sft
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
-QUICK = ["training.max_steps=12"]  # --quick: a smoke run of the same flow (for tests)
+QUICK = [
+    "training.max_steps=12",
+    "training.log_every_steps=1",
+]  # --quick: a smoke run of the same flow (for tests)
 
 
 def _config_path(name: str) -> Path:
@@ -45,7 +48,7 @@ def _evaluate(hf_dir: Path, rows: list[dict]) -> dict:
 def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False) -> dict:
     out = Path(output_dir)
     t0 = time.perf_counter()
-    data = write_demo_data(out / "data", seed=0)
+    data = write_demo_data(out / "data", seed=0, num_sft=20000)
     rows = [json.loads(line) for line in data["heldout"].read_text().splitlines()]
     extra = QUICK if quick else []
     stages = []

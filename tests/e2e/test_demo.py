@@ -1,0 +1,42 @@
+"""`posttrain demo --quick`: the whole flow (data -> pretrain -> SFT -> held-out exact match ->
+table) on a short schedule. The full demo's accuracy claim is measured by `make demo` (README)."""
+
+import json
+import subprocess
+import sys
+
+from helpers import ROOT
+
+
+def test_quick_demo_prints_table_and_report(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "posttrain.cli", "demo", "--quick", "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    for heading in (
+        "stage",
+        "final loss",
+        "held-out acc (chat)",
+        "tokens/s",
+        "wall time",
+        "pretrain (base)",
+        "sft",
+    ):
+        assert heading in res.stdout
+    report = json.loads((tmp_path / "demo_report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["pretrain (base)", "sft"]
+    assert report["num_heldout"] == 300
+    for stage in report["stages"]:
+        assert 0.0 <= stage["heldout_accuracy_chat"] <= 1.0 and stage["tokens_per_s"] > 0
+        assert (tmp_path / stage["hf_dir"].split(str(tmp_path) + "/")[-1] / "config.json").is_file()
+    # Each stage trained: its loss fell over its 12 steps.
+    for name in ("pretrain", "sft"):
+        losses = [
+            json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert losses[-1] < losses[0]
+    assert str(tmp_path / "sft" / "hf") in res.stdout
