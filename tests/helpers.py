@@ -60,3 +60,23 @@ def job(tmp_path: Path, train_path: Path, fmt: str = "chat", recipe: str = "sft"
 
 def job_config(*args, **kwargs):
     return validate_job(job(*args, **kwargs))
+
+
+def make_trainer(model, loss_fn, cfg, output_dir: Path, total_steps: int, training=None):
+    """A Trainer with one micro-batch per step and dummy FLOPs accounting (unit tests)."""
+    from posttrain.train.trainer import Trainer
+
+    return Trainer(
+        model,
+        loss_fn,
+        training=training or cfg.training,
+        optim=cfg.optim,
+        schedule=cfg.schedule,
+        total_steps=total_steps,
+        grad_accum_steps=1,
+        output_dir=output_dir,
+        config_yaml="",
+        flops_fn=lambda doc_lens: 1.0,
+        peak_flops_per_s=1.0,
+        progress="quiet",
+    )

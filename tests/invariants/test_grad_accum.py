@@ -2,29 +2,15 @@
 of the whole optimizer step, so how a step is split cannot change the update."""
 
 import torch
-from helpers import ROOT, job_config, tiny_model, tokenizer
+from helpers import ROOT, job_config, make_trainer, tiny_model, tokenizer
 
 from posttrain.data.packing import collate
 from posttrain.data.samples import load_samples
 from posttrain.train.setup import lm_loss_fn
-from posttrain.train.trainer import Trainer
 
 
 def _trainer(model, tmp_path, cfg):
-    return Trainer(
-        model,
-        lm_loss_fn(64, tokenizer().vocab_size),
-        training=cfg.training,
-        optim=cfg.optim,
-        schedule=cfg.schedule,
-        total_steps=3,
-        grad_accum_steps=1,
-        output_dir=tmp_path,
-        config_yaml="",
-        flops_fn=lambda d: 1.0,
-        peak_flops_per_s=1.0,
-        progress="quiet",
-    )
+    return make_trainer(model, lm_loss_fn(64, tokenizer().vocab_size), cfg, tmp_path, total_steps=3)
 
 
 def test_one_by_eight_equals_eight_by_one(tmp_path):

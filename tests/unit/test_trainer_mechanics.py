@@ -2,13 +2,13 @@ import math
 
 import pytest
 import torch
-from helpers import ROOT, job_config, tiny_model, tokenizer
+from helpers import ROOT, job_config, make_trainer, tiny_model, tokenizer
 
 from posttrain.config import ScheduleConfig
 from posttrain.data.packing import collate
 from posttrain.data.samples import load_samples
 from posttrain.train.optim import lr_at
-from posttrain.train.trainer import NonFiniteError, Trainer
+from posttrain.train.trainer import NonFiniteError
 
 
 def _batch(tmp_path, n=2):
@@ -30,20 +30,7 @@ def test_nonfinite_steps_are_skipped_counted_then_abort(tmp_path):
         return h.sum() * float("nan"), {}
 
     training = cfg.training.model_copy(update={"max_nonfinite_steps": 2})
-    trainer = Trainer(
-        model,
-        nan_loss,
-        training=training,
-        optim=cfg.optim,
-        schedule=cfg.schedule,
-        total_steps=5,
-        grad_accum_steps=1,
-        output_dir=tmp_path,
-        config_yaml="",
-        flops_fn=lambda d: 1.0,
-        peak_flops_per_s=1.0,
-        progress="quiet",
-    )
+    trainer = make_trainer(model, nan_loss, cfg, tmp_path, total_steps=5, training=training)
     first = trainer.train_step([batch])
     assert first["skipped_nonfinite"] == 1 and trainer.state.nonfinite_steps == 1
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no update applied
