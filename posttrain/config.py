@@ -42,7 +42,7 @@ class ArchConfig(Section):
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
-    rope_theta: float = 1_000_000.0
+    rope_theta: float | None = None  # None = the family's default (qwen3 1e6, llama3 5e5)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = True
     rms_norm_eps: float = 1e-6
@@ -51,7 +51,7 @@ class ArchConfig(Section):
 class ModelConfig(Section):
     """Which model to train: an HF checkpoint directory (`path`) or a fresh one (`arch`)."""
 
-    family: Literal["qwen3"] = "qwen3"
+    family: Literal["qwen3", "llama3"] = "qwen3"  # for model.arch; model.path reads config.json
     path: str | None = None  # local HF directory (config.json + safetensors)
     arch: ArchConfig | None = None  # from-scratch architecture; exactly one of path / arch
     dtype: Literal["float32", "bfloat16"] = "float32"  # parameter dtype; CPU runs use float32

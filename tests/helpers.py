@@ -76,7 +76,7 @@ def make_trainer(model, loss_fn, cfg, output_dir: Path, total_steps: int, traini
         grad_accum_steps=1,
         output_dir=output_dir,
         config_yaml="",
-        flops_fn=lambda doc_lens: 1.0,
+        flops_fn=lambda doc_lens, units: 1.0,
         peak_flops_per_s=1.0,
         progress="quiet",
     )

@@ -1,6 +1,7 @@
-"""Building blocks shared by the decoder-only model families (Qwen3 today; Llama3, Gemma3, Qwen3-MoE,
-GPT-OSS later): RMSNorm, rotary embeddings, grouped-query attention with an optional per-head q/k norm,
-the SwiGLU MLP, the pre-norm transformer block, and the block-diagonal causal mask used for packed rows.
+"""Building blocks shared by the decoder-only model families (Qwen3 and Llama3 today; Gemma3, Qwen3-MoE,
+GPT-OSS later): RMSNorm, rotary embeddings (default or Llama-3-scaled), grouped-query attention with an
+optional per-head q/k norm, the SwiGLU MLP, the pre-norm transformer block, and the block-diagonal causal
+mask used for packed rows.
 
 Every block is plain single-device PyTorch. Numerics follow the HF reference implementations operation
 by operation (same dtype casts, same order) so that the per-family logit-parity tests hold at 1e-4 in
@@ -18,6 +19,9 @@ Shape legend:
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,10 +62,18 @@ class RotaryEmbedding(nn.Module):
     after meta-device construction + `to_empty()` it holds garbage: call `reset_parameters()` to rebuild it.
     """
 
-    def __init__(self, head_dim: int, rope_theta: float) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        rope_theta: float,
+        scale_inv_freq: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """scale_inv_freq: optional map from the default inv_freq to a scaled one (e.g. a partial of
+        `llama3_scale_inv_freq`); applied on every rebuild so meta init keeps the scaling."""
         super().__init__()
         self.head_dim = head_dim
         self.rope_theta = rope_theta
+        self.scale_inv_freq = scale_inv_freq
         self.register_buffer("inv_freq", self._compute_inv_freq(device=None), persistent=False)
 
     def _compute_inv_freq(self, device: torch.device | None) -> torch.Tensor:
@@ -69,7 +81,8 @@ class RotaryEmbedding(nn.Module):
         exponents = (
             torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
         )
-        return 1.0 / (self.rope_theta**exponents)
+        inv_freq = 1.0 / (self.rope_theta**exponents)
+        return inv_freq if self.scale_inv_freq is None else self.scale_inv_freq(inv_freq)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -88,6 +101,31 @@ class RotaryEmbedding(nn.Module):
         freqs_BTh = position_ids_BT[..., None].float() * inv_freq  # h = Dh / 2
         emb_BTDh = torch.cat((freqs_BTh, freqs_BTh), dim=-1)
         return emb_BTDh.cos().to(x.dtype), emb_BTDh.sin().to(x.dtype)
+
+
+def llama3_scale_inv_freq(
+    inv_freq: torch.Tensor,
+    *,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> torch.Tensor:
+    """Llama 3.1 RoPE scaling of default inv_freq (HF's `_compute_llama3_parameters`, same ops and order).
+
+    Wavelengths shorter than original_max / high_freq_factor are kept, longer than original_max /
+    low_freq_factor are divided by `factor`, and the band between is interpolated smoothly.
+    """
+    low_freq_wavelen = original_max_position_embeddings / low_freq_factor
+    high_freq_wavelen = original_max_position_embeddings / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (original_max_position_embeddings / wavelen - low_freq_factor) / (
+        high_freq_factor - low_freq_factor
+    )
+    smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,9 @@ Convention (the PaLM / nanoGPT one, stated so numbers are comparable across runs
     head per layer forward, times 3 for forward + backward. Packing does not add cross-document work,
     because the block-diagonal mask lets kernels skip it in principle; we count the useful FLOPs.
   * Recomputation (activation checkpointing) is NOT counted: MFU measures useful model FLOPs.
+  * The LM head is charged only for the positions whose logits are computed. posttrain's loss drops
+    ignored positions (prompt tokens, padding) before the LM head, so in SFT, where a small share of
+    tokens bear loss, charging it for every token would overstate MFU.
 
 Config duck typing: any config with hidden_size, intermediate_size, num_hidden_layers,
 num_attention_heads, num_key_value_heads, head_dim and vocab_size (dense families) works.
@@ -32,13 +35,17 @@ class DenseConfig(Protocol):
     head_dim: int
 
 
-def matmul_params(config: DenseConfig) -> int:
-    """Weights that take part in a matmul for every token: q/k/v/o, the SwiGLU MLP, and the LM head."""
+def body_matmul_params(config: DenseConfig) -> int:
+    """Weights of the decoder layers that take part in a matmul for every token: q/k/v/o and the MLP."""
     D, Dh = config.hidden_size, config.head_dim
     attention = D * Dh * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)  # q, o, k, v
     mlp = 3 * D * config.intermediate_size  # gate, up, down
-    lm_head = config.vocab_size * D
-    return config.num_hidden_layers * (attention + mlp) + lm_head
+    return config.num_hidden_layers * (attention + mlp)
+
+
+def matmul_params(config: DenseConfig) -> int:
+    """Matmul weights of one token that goes through the whole model, LM head included."""
+    return body_matmul_params(config) + config.vocab_size * config.hidden_size
 
 
 def flops_per_token_dense(config: DenseConfig) -> int:
@@ -52,6 +59,12 @@ def attention_flops(config: DenseConfig, doc_lens: list[int]) -> int:
     return sum(per_pair * s * (s + 1) // 2 for s in doc_lens)
 
 
-def train_flops(config: DenseConfig, doc_lens: list[int]) -> int:
-    """Total training FLOPs for a batch whose documents have these token counts."""
-    return flops_per_token_dense(config) * sum(doc_lens) + attention_flops(config, doc_lens)
+def train_flops(config: DenseConfig, doc_lens: list[int], num_lm_head_tokens: int | None = None) -> int:
+    """Total training FLOPs for a batch whose documents have these token counts.
+
+    num_lm_head_tokens: positions the LM head is applied to (None = every token).
+    """
+    tokens = sum(doc_lens)
+    head_tokens = tokens if num_lm_head_tokens is None else num_lm_head_tokens
+    head = 6 * config.vocab_size * config.hidden_size * head_tokens
+    return 6 * body_matmul_params(config) * tokens + head + attention_flops(config, doc_lens)

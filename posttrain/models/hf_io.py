@@ -20,12 +20,18 @@ from safetensors.torch import save_file
 from torch import nn
 
 from posttrain.errors import ModelError
-from posttrain.models import qwen3
+from posttrain.models import llama3, qwen3
 
 # model_type (as in config.json) -> (config class, model class, from_hf_state_dict, to_hf_state_dict).
 # A config class provides from_hf_dict / to_hf_dict; a model class provides rebuild_buffers / init_weights.
 FAMILIES: dict[str, tuple[type, type[nn.Module], Callable[..., dict], Callable[..., dict]]] = {
     "qwen3": (qwen3.Qwen3Config, qwen3.Qwen3ForCausalLM, qwen3.from_hf_state_dict, qwen3.to_hf_state_dict),
+    "llama": (
+        llama3.Llama3Config,
+        llama3.Llama3ForCausalLM,
+        llama3.from_hf_state_dict,
+        llama3.to_hf_state_dict,
+    ),
 }
 
 SINGLE_FILE = "model.safetensors"
@@ -42,9 +48,15 @@ def _family(
     return FAMILIES[model_type]
 
 
+# Family names users write in job files (`model.family`) -> model_type in HF's config.json.
+MODEL_TYPES = {"qwen3": "qwen3", "llama3": "llama"}
+
+
 def build_model(family: str, config_dict: dict[str, Any]) -> tuple[nn.Module, Any]:
-    """A from-scratch model with init_weights() applied; config_dict holds our config's fields."""
-    config_cls, model_cls, _, _ = _family(family, "build_model")
+    """A from-scratch model with init_weights() applied; config_dict holds our config's fields.
+
+    `family` is a family name (`llama3`) or an HF model_type (`llama`)."""
+    config_cls, model_cls, _, _ = _family(MODEL_TYPES.get(family, family), "build_model")
     try:
         config = config_cls(**config_dict)
     except TypeError as e:  # unknown or missing field: the dataclass message names it

@@ -12,22 +12,20 @@ Shape legend:
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from posttrain.errors import ModelError
+from posttrain.models import decoder
 from posttrain.models.components import (
     Attention,
-    RMSNorm,
     RotaryEmbedding,
     SwiGLU,
     TransformerBlock,
-    build_attention_mask,
 )
+from posttrain.models.decoder import DecoderLM
 
 
 @dataclass
@@ -134,17 +132,15 @@ class Qwen3Config:
         return total
 
 
-class Qwen3ForCausalLM(nn.Module):
-    """Qwen3 dense causal LM. forward() returns final-normed hidden states; see the module docstring."""
+class Qwen3ForCausalLM(DecoderLM):
+    """Qwen3 dense causal LM: pre-norm blocks with q/k RMSNorm before RoPE, GQA and SwiGLU."""
 
     def __init__(self, config: Qwen3Config) -> None:
-        super().__init__()
-        self.config = config
         c = config
-        self.tok_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta)
-        self.layers = nn.ModuleList(
-            TransformerBlock(
+        super().__init__(
+            c,
+            RotaryEmbedding(c.head_dim, c.rope_theta),
+            lambda: TransformerBlock(
                 Attention(
                     c.hidden_size,
                     c.num_attention_heads,
@@ -156,63 +152,8 @@ class Qwen3ForCausalLM(nn.Module):
                 SwiGLU(c.hidden_size, c.intermediate_size),
                 c.hidden_size,
                 c.rms_norm_eps,
-            )
-            for _ in range(c.num_hidden_layers)
+            ),
         )
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-
-    def forward(
-        self,
-        input_ids_BT: torch.Tensor,
-        position_ids_BT: torch.Tensor | None = None,
-        doc_ids_BT: torch.Tensor | None = None,
-        *,
-        return_hidden_states: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Final-normed hidden states h_BTD.
-
-        position_ids_BT defaults to arange(T) per row; doc_ids_BT (int, same shape) restricts attention to
-        tokens of the same document (packing). With return_hidden_states=True also return
-        [embeddings, block 0 output, ..., block L-1 output] for locating numerical divergence.
-        """
-        B, T = input_ids_BT.shape
-        x_BTD = self.tok_embeddings(input_ids_BT)
-        if position_ids_BT is None:
-            position_ids_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
-        cos_BTDh, sin_BTDh = self.rotary(x_BTD, position_ids_BT)
-        mask_B1TT = None if doc_ids_BT is None else build_attention_mask(doc_ids_BT)
-        hidden: list[torch.Tensor] = [x_BTD]
-        for layer in self.layers:
-            x_BTD = layer(x_BTD, cos_BTDh, sin_BTDh, mask_B1TT)
-            if return_hidden_states:
-                hidden.append(x_BTD)
-        h_BTD = self.norm(x_BTD)
-        return (h_BTD, hidden) if return_hidden_states else h_BTD
-
-    def output_weight(self) -> torch.Tensor:
-        """The [V, D] output matrix: lm_head.weight, or the embedding matrix when tied."""
-        return self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight
-
-    def logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
-        """Full [B, T, V] logits; for generation/eval only (training applies output_weight in chunks)."""
-        return h_BTD @ self.output_weight().T
-
-    @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        """normal(0, std) for linears and embeddings, ones for norms; deterministic under torch.manual_seed."""
-        for module in self.modules():  # registration order is fixed, so the RNG stream is too
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
-        self.rebuild_buffers()
-
-    def rebuild_buffers(self) -> None:
-        """Recompute RoPE inv_freq (non-persistent, so garbage after meta-device init + to_empty)."""
-        self.rotary.reset_parameters()
 
 
 # Our parameter names <-> HF names. "{i}" is the layer index. Explicit data, read in both directions.
@@ -232,79 +173,21 @@ HF_KEY_MAP: dict[str, str] = {
     "layers.{i}.mlp.up_proj.weight": "model.layers.{i}.mlp.up_proj.weight",
     "layers.{i}.mlp.down_proj.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
-_LAYER_RE = re.compile(r"(?<=layers\.)(\d+)(?=\.)")
-_OURS_TO_HF = HF_KEY_MAP
-_HF_TO_OURS = {hf: ours for ours, hf in HF_KEY_MAP.items()}
-
-
-def _rename(name: str, table: dict[str, str]) -> str | None:
-    """Map one name through a template table; None when it has no entry."""
-    m = _LAYER_RE.search(name)
-    template = _LAYER_RE.sub("{i}", name, count=1) if m else name
-    target = table.get(template)
-    if target is None:
-        return None
-    return target.replace("{i}", m.group(1)) if m else target
 
 
 def expected_keys(config: Qwen3Config) -> list[str]:
     """Every parameter name our model has for this config (lm_head only when untied)."""
-    keys = []
-    for ours in HF_KEY_MAP:
-        if ours == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        if "{i}" in ours:
-            keys += [ours.replace("{i}", str(i)) for i in range(config.num_hidden_layers)]
-        else:
-            keys.append(ours)
-    return keys
+    return decoder.expected_keys(HF_KEY_MAP, config)
 
 
 def to_hf_state_dict(sd: dict[str, torch.Tensor], config: Qwen3Config) -> dict[str, torch.Tensor]:
-    """Rename our state dict to HF names (tensors are shared, not copied). Tied models carry no lm_head."""
-    out: dict[str, torch.Tensor] = {}
-    unexpected = []
-    for name, tensor in sd.items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        hf = _rename(name, _OURS_TO_HF)
-        if hf is None:
-            unexpected.append(name)
-        else:
-            out[hf] = tensor
-    if unexpected:
-        raise ModelError(f"Qwen3 state dict has keys with no HF name: {sorted(unexpected)}")
-    return out
+    return decoder.to_hf(sd, config, HF_KEY_MAP, "Qwen3")
 
 
 def from_hf_state_dict(
     sd: dict[str, torch.Tensor], config: Qwen3Config, *, strict: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Rename an HF Qwen3 state dict to our names.
-
-    A tied model ignores HF's lm_head.weight (some exports write it anyway). Unknown keys always raise;
-    missing keys raise unless strict=False (hf_io loads one tensor at a time and checks completeness itself).
-    """
-    out: dict[str, torch.Tensor] = {}
-    unexpected = []
-    for name, tensor in sd.items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # a buffer some old exports saved; we recompute it
-        ours = _rename(name, _HF_TO_OURS)
-        if ours is None or not _layer_in_range(ours, config):
-            unexpected.append(name)
-        else:
-            out[ours] = tensor
-    missing = sorted(set(expected_keys(config)) - set(out)) if strict else []
-    if unexpected or missing:
-        raise ModelError(
-            f"HF Qwen3 checkpoint does not match the config: missing keys {missing}, unexpected keys {sorted(unexpected)}"
-        )
-    return out
-
-
-def _layer_in_range(name: str, config: Qwen3Config) -> bool:
-    m = _LAYER_RE.search(name)
-    return m is None or int(m.group(1)) < config.num_hidden_layers
+    """Rename an HF Qwen3 state dict to our names (see decoder.from_hf for the rules)."""
+    return decoder.from_hf(
+        sd, HF_KEY_MAP, expected_keys(config), "Qwen3", strict=strict, tied=config.tie_word_embeddings
+    )

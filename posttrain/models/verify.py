@@ -6,7 +6,7 @@ packing: one row holding three documents (per-document positions + doc ids) must
 each document run alone. `verify_dir` does the same for a real checkpoint directory. On failure the
 report names the first module whose per-layer hidden states diverge, which is where to look.
 
-CLI: `posttrain verify-model [--family qwen3] [--hf-dir DIR] [--seed N]` (exit code 0 = passed).
+CLI: `posttrain verify-model [--family qwen3|llama3] [--hf-dir DIR] [--seed N]` (exit code 0 = passed).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from posttrain.models.hf_io import FAMILIES, build_model, load_pretrained, save_pretrained
+from posttrain.models.hf_io import MODEL_TYPES, build_model, load_pretrained, save_pretrained
 
 # Max |logit difference| allowed per dtype; fp32 differences come only from summation order.
 TOLERANCES = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -37,7 +37,23 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         head_dim=16,
         max_position_embeddings=256,
     ),
+    # head_dim derived (64 / 4). RoPE scaling with a 32-token original context and theta 1e4 puts the
+    # rotary frequencies in all three llama3 bands (kept, smoothed, divided), and the 33-token ids go past it.
+    "llama3": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=10_000.0,
+        rope_scaling=dict(
+            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32
+        ),
+        max_position_embeddings=256,
+    ),
 }
+
 
 PACKED_DOC_LENS = (7, 13, 5)  # three documents of different lengths in one row
 
@@ -140,7 +156,9 @@ def verify_family(family: str = "qwen3", seed: int = 0, dtype: torch.dtype = tor
     worst_logits, worst_packed, first = 0.0, 0.0, None
     for tied in (False, True):
         torch.manual_seed(seed)
-        model, config = build_model(family, {**TINY_CONFIGS[family], "tie_word_embeddings": tied})
+        model, config = build_model(
+            MODEL_TYPES[family], {**TINY_CONFIGS[family], "tie_word_embeddings": tied}
+        )
         model = model.to(dtype).eval()
         model.rebuild_buffers()  # keep inv_freq fp32 after the dtype cast
         with tempfile.TemporaryDirectory() as tmp:
@@ -168,7 +186,9 @@ def verify_dir(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float
 def main(argv: list[str]) -> int:
     """`posttrain verify-model`: print the report; exit code 0 when it passed, 1 otherwise."""
     parser = argparse.ArgumentParser(prog="posttrain verify-model", description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="qwen3", choices=sorted(FAMILIES), help="model family to check")
+    parser.add_argument(
+        "--family", default="qwen3", choices=sorted(TINY_CONFIGS), help="model family to check"
+    )
     parser.add_argument(
         "--hf-dir", default=None, help="verify this HF checkpoint directory instead of a tiny random model"
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ def build_model_for(cfg: ModelConfig, tokenizer: Tokenizer, seed: int) -> tuple[
             )
         return model, mcfg
     torch.manual_seed(seed)
-    fields = cfg.arch.model_dump()
+    fields = {k: v for k, v in cfg.arch.model_dump().items() if v is not None}
     model, mcfg = build_model(cfg.family, {"vocab_size": tokenizer.padded_vocab_size(), **fields})
     model.init_weights(cfg.init_std)
     return model.to(dtype), mcfg
@@ -90,8 +91,9 @@ def lm_loss_fn(chunk_size: int, num_real_vocab: int):
     return loss_fn
 
 
-def flops_fn_for(model_cfg) -> callable:
-    return lambda doc_lens: float(train_flops(model_cfg, doc_lens))
+def flops_fn_for(model_cfg) -> Callable[[list[int], int], float]:
+    """FLOPs of a step: the LM head runs only on loss tokens (the chunked loss drops the rest)."""
+    return lambda doc_lens, num_loss_tokens: float(train_flops(model_cfg, doc_lens, num_loss_tokens))
 
 
 @torch.no_grad()

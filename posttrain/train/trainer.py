@@ -73,7 +73,7 @@ class Trainer:
         grad_accum_steps: int,
         output_dir: Path,
         config_yaml: str,
-        flops_fn: Callable[[list[int]], float],
+        flops_fn: Callable[[list[int], int], float],  # (document lengths, loss units) -> FLOPs
         peak_flops_per_s: float,
         progress: str = "auto",
         loss_units: Callable[[dict], int] = count_loss_tokens,
@@ -128,7 +128,7 @@ class Trainer:
             "num_loss_tokens": units,
             "num_tokens": tokens,
             "tokens_per_s": tokens / dt,
-            "mfu": self.flops_fn(doc_lens) / dt / self.peak_flops,
+            "mfu": self.flops_fn(doc_lens, units) / dt / self.peak_flops,
             "peak_memory_mb": peak_memory_mb(self.device),
             "step_time_s": dt,
             "skipped_nonfinite": int(not finite),

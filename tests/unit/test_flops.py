@@ -31,3 +31,10 @@ def test_attention_flops_per_document_by_hand() -> None:
 
 def test_train_flops_by_hand() -> None:
     assert train_flops(CONFIG, [3, 1]) == 7392 * 4 + 1344
+
+
+def test_lm_head_is_charged_only_for_loss_tokens() -> None:
+    # body: 1152 matmul params; head: 10*8 = 80. Two documents, 8 tokens, 2 of them bear loss.
+    attention = attention_flops(CONFIG, [5, 3])
+    assert train_flops(CONFIG, [5, 3]) == 6 * 1232 * 8 + attention
+    assert train_flops(CONFIG, [5, 3], num_lm_head_tokens=2) == 6 * 1152 * 8 + 6 * 80 * 2 + attention

@@ -1,0 +1,173 @@
+"""What every dense decoder family shares: the causal-LM shell and the HF key-map mechanics.
+
+A family (qwen3.py, llama3.py) supplies its config, how to build one block, and a table of
+parameter names (ours <-> HF). `DecoderLM` owns the embeddings -> blocks -> final norm -> output
+weight flow and its API (forward returns final-normed hidden states; the loss applies
+`output_weight()` in chunks). The key-map functions rename state dicts through a family's table.
+
+Shape legend: B batch, T sequence, D hidden size, Dh head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from posttrain.errors import ModelError
+from posttrain.models.components import RMSNorm, RotaryEmbedding, build_attention_mask
+
+
+class DecoderLM(nn.Module):
+    """Causal decoder LM shell; families subclass it once and only build their blocks."""
+
+    def __init__(self, config: Any, rotary: RotaryEmbedding, make_block: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        # Registration order fixes the init RNG stream: embeddings, rotary, layers, norm, lm_head.
+        self.tok_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.rotary = rotary
+        self.layers = nn.ModuleList(make_block() for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        position_ids_BT: torch.Tensor | None = None,
+        doc_ids_BT: torch.Tensor | None = None,
+        *,
+        return_hidden_states: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Final-normed hidden states h_BTD.
+
+        position_ids_BT defaults to arange(T) per row; doc_ids_BT (int, same shape) restricts attention to
+        tokens of the same document (packing). With return_hidden_states=True also return
+        [embeddings, block 0 output, ..., block L-1 output] for locating numerical divergence.
+        """
+        B, T = input_ids_BT.shape
+        x_BTD = self.tok_embeddings(input_ids_BT)
+        if position_ids_BT is None:
+            position_ids_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
+        cos_BTDh, sin_BTDh = self.rotary(x_BTD, position_ids_BT)
+        mask_B1TT = None if doc_ids_BT is None else build_attention_mask(doc_ids_BT)
+        hidden: list[torch.Tensor] = [x_BTD]
+        for layer in self.layers:
+            x_BTD = layer(x_BTD, cos_BTDh, sin_BTDh, mask_B1TT)
+            if return_hidden_states:
+                hidden.append(x_BTD)
+        h_BTD = self.norm(x_BTD)
+        return (h_BTD, hidden) if return_hidden_states else h_BTD
+
+    def output_weight(self) -> torch.Tensor:
+        """The [V, D] output matrix: lm_head.weight, or the embedding matrix when tied."""
+        return self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        """Full [B, T, V] logits; for generation/eval only (training applies output_weight in chunks)."""
+        return h_BTD @ self.output_weight().T
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """normal(0, std) for linears and embeddings, zeros for biases, ones for norms; seed-deterministic."""
+        for module in self.modules():  # registration order is fixed, so the RNG stream is too
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+        self.rebuild_buffers()
+
+    def rebuild_buffers(self) -> None:
+        """Recompute RoPE inv_freq (non-persistent, so garbage after meta-device init + to_empty)."""
+        self.rotary.reset_parameters()
+
+
+# ------------------------------------------------------------------------------ HF key maps
+
+_LAYER_RE = re.compile(r"(?<=layers\.)(\d+)(?=\.)")
+
+
+def rename(name: str, table: dict[str, str]) -> str | None:
+    """Map one name through a template table ("{i}" = layer index); None when it has no entry."""
+    m = _LAYER_RE.search(name)
+    template = _LAYER_RE.sub("{i}", name, count=1) if m else name
+    target = table.get(template)
+    if target is None:
+        return None
+    return target.replace("{i}", m.group(1)) if m else target
+
+
+def expected_keys(
+    key_map: dict[str, str], config: Any, keep: Callable[[str], bool] = lambda k: True
+) -> list[str]:
+    """Every parameter name our model has: lm_head only when untied, templates the family `keep`s."""
+    keys = []
+    for ours in key_map:
+        if (ours == "lm_head.weight" and config.tie_word_embeddings) or not keep(ours):
+            continue
+        if "{i}" in ours:
+            keys += [ours.replace("{i}", str(i)) for i in range(config.num_hidden_layers)]
+        else:
+            keys.append(ours)
+    return keys
+
+
+def to_hf(
+    sd: dict[str, torch.Tensor], config: Any, key_map: dict[str, str], family: str
+) -> dict[str, torch.Tensor]:
+    """Rename our state dict to HF names (tensors shared, not copied). Tied models carry no lm_head."""
+    out: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for name, tensor in sd.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        hf = rename(name, key_map)
+        if hf is None:
+            unexpected.append(name)
+        else:
+            out[hf] = tensor
+    if unexpected:
+        raise ModelError(f"{family} state dict has keys with no HF name: {sorted(unexpected)}")
+    return out
+
+
+def from_hf(
+    sd: dict[str, torch.Tensor],
+    key_map: dict[str, str],
+    expected: list[str],
+    family: str,
+    *,
+    strict: bool,
+    tied: bool,
+) -> dict[str, torch.Tensor]:
+    """Rename an HF state dict to our names.
+
+    A tied model ignores HF's lm_head.weight (some exports write it anyway). Keys outside `expected`
+    (unknown names, layers past the config, biases it does not enable) always raise; missing keys raise
+    unless strict=False (hf_io loads one tensor at a time and checks completeness itself).
+    """
+    wanted = set(expected)
+    inverse = {hf: ours for ours, hf in key_map.items()}
+    out: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for name, tensor in sd.items():
+        if (name == "lm_head.weight" and tied) or name.endswith("rotary_emb.inv_freq"):
+            continue  # inv_freq: a buffer some old exports saved; we recompute it
+        ours = rename(name, inverse)
+        if ours is None or ours not in wanted:
+            unexpected.append(name)
+        else:
+            out[ours] = tensor
+    missing = sorted(wanted - set(out)) if strict else []
+    if unexpected or missing:
+        raise ModelError(
+            f"HF {family} checkpoint does not match the config: missing keys {missing}, "
+            f"unexpected keys {sorted(unexpected)}"
+        )
+    return out
