@@ -41,7 +41,8 @@ def train(cfg: JobConfig, formats: tuple[str, ...] = FORMATS) -> dict:
             )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_job(cfg))
+    config_yaml = dump_job(cfg)
+    (out / "config.yaml").write_text(config_yaml)
     seed_everything(cfg.seed)
 
     # 1. Tokenizer and data.
@@ -72,7 +73,7 @@ def train(cfg: JobConfig, formats: tuple[str, ...] = FORMATS) -> dict:
         total_steps=total_steps,
         grad_accum_steps=gradient_accumulation_steps(cfg.training),
         output_dir=out,
-        config_yaml=dump_job(cfg),
+        config_yaml=config_yaml,
         flops_fn=flops_fn_for(model_cfg),
         peak_flops_per_s=peak_flops(cfg.metrics.peak_flops_per_s, device),
         progress=cfg.metrics.progress,
