@@ -1,5 +1,4 @@
-"""Building blocks shared by the decoder-only model families (Qwen3 and Llama3 today; Gemma3, Qwen3-MoE,
-GPT-OSS later): RMSNorm, rotary embeddings (default or Llama-3-scaled), grouped-query attention with an
+"""Building blocks shared by the decoder-only model families (Llama3, Qwen3, Qwen3-MoE, Gemma3, GPT-OSS): RMSNorm, rotary embeddings (default or Llama-3-scaled), grouped-query attention with an
 optional per-head q/k norm, the SwiGLU MLP, the pre-norm transformer block, and the block-diagonal causal
 mask used for packed rows.
 
@@ -145,16 +144,28 @@ def apply_rotary(
     return q_out, k_out
 
 
-def build_attention_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal causal mask for packed rows: bool [B, 1, T, T], True where query i may attend key j.
+def build_attention_mask(
+    doc_ids_BT: torch.Tensor | None, T: int, sliding_window: int | None = None, device=None
+) -> torch.Tensor | None:
+    """Causal keep-mask, bool [B or 1, 1, T, T]: True where query i may attend key j; None = plain causal.
 
-    i attends j iff doc[i] == doc[j] and j <= i. Every query sees at least itself, so no softmax row is
-    empty (no NaNs), whatever the doc ids of padding are.
+    i attends j iff j <= i, doc[i] == doc[j] when doc ids are given (packed rows), and i - j < sliding_window
+    when a window is given (HF's convention: a window of W keys, the query's own included). Every query sees
+    at least itself, so no softmax row is empty (no NaNs), whatever the doc ids of padding are. Returns None
+    when nothing restricts plain causal attention, so SDPA can take its is_causal fast path.
     """
-    T = doc_ids_BT.shape[1]
+    windowed = sliding_window is not None and T > sliding_window
+    if doc_ids_BT is None and not windowed:
+        return None
+    device = doc_ids_BT.device if doc_ids_BT is not None else device
+    idx_T = torch.arange(T, device=device)
+    keep_TT = idx_T[None, :] <= idx_T[:, None]
+    if windowed:
+        keep_TT = keep_TT & (idx_T[:, None] - idx_T[None, :] < sliding_window)
+    if doc_ids_BT is None:
+        return keep_TT[None, None]
     same_doc_BTT = doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :]
-    causal_TT = torch.ones(T, T, dtype=torch.bool, device=doc_ids_BT.device).tril()
-    return (same_doc_BTT & causal_TT).unsqueeze(1)
+    return (same_doc_BTT & keep_TT).unsqueeze(1)
 
 
 class Attention(nn.Module):
@@ -175,7 +186,11 @@ class Attention(nn.Module):
         qk_norm: bool,
         norm_eps: float = 1e-6,
         bias: bool = False,
+        scale: float | None = None,
+        make_norm: Callable[[int, float], nn.Module] | None = None,
     ) -> None:
+        """scale: softmax scale (None = head_dim**-0.5; Gemma3 uses query_pre_attn_scalar**-0.5).
+        make_norm: the q/k norm class (RMSNorm unless the family has its own convention)."""
         super().__init__()
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
@@ -186,8 +201,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
-        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.scale = head_dim**-0.5 if scale is None else scale
+        make_norm = make_norm or RMSNorm
+        self.q_norm = make_norm(head_dim, norm_eps) if qk_norm else None
+        self.k_norm = make_norm(head_dim, norm_eps) if qk_norm else None
 
     def forward(
         self,
@@ -207,7 +224,7 @@ class Attention(nn.Module):
         q_BHTDh, k_BKTDh = apply_rotary(q_BTHDh.transpose(1, 2), k_BTKDh.transpose(1, 2), cos_BTDh, sin_BTDh)
         v_BKTDh = v_BTKDh.transpose(1, 2)
         enable_gqa = self.num_kv_heads != self.num_heads
-        scale = self.head_dim**-0.5
+        scale = self.scale
         if mask_B1TT is None:
             # Fast path: lets SDPA pick flash / memory-efficient kernels.
             out_BHTDh = F.scaled_dot_product_attention(
@@ -222,16 +239,23 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """Gated MLP: down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)); act is SiLU, or tanh-GELU for Gemma ("GeGLU")."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool = False,
+        activation: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    ) -> None:
         super().__init__()
+        self.activation = activation
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+        return self.down_proj(self.activation(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
 
 
 class TransformerBlock(nn.Module):

@@ -22,17 +22,41 @@ from posttrain.models.components import RMSNorm, RotaryEmbedding, build_attentio
 
 
 class DecoderLM(nn.Module):
-    """Causal decoder LM shell; families subclass it once and only build their blocks."""
+    """Causal decoder LM shell; families subclass it once and only build their blocks.
 
-    def __init__(self, config: Any, rotary: RotaryEmbedding, make_block: Callable[[], nn.Module]) -> None:
+    Per-layer variation (Gemma3 and GPT-OSS alternate sliding-window and full attention, Gemma3 with a
+    RoPE base of its own per kind) is data: `layer_types[i]` names layer i's attention kind, `rotary` is
+    one RotaryEmbedding shared by all layers or a dict keyed by layer type, and layers of kind
+    "sliding_attention" see at most `sliding_window` keys. A block is called as
+    block(x_BTD, cos_BTDh, sin_BTDh, mask_B1TT) with the tables and mask of its kind.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        rotary: RotaryEmbedding | dict[str, RotaryEmbedding],
+        make_block: Callable[[int], nn.Module],
+        *,
+        layer_types: list[str] | None = None,
+        sliding_window: int | None = None,
+        make_norm: Callable[[int, float], nn.Module] = RMSNorm,
+        embed_scale: float | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         c = config
+        self.layer_types = list(layer_types or ["full_attention"] * c.num_hidden_layers)
+        if len(self.layer_types) != c.num_hidden_layers:
+            raise ModelError(
+                f"layer_types has {len(self.layer_types)} entries for {c.num_hidden_layers} layers"
+            )
+        self.sliding_window = sliding_window
+        self.embed_scale = embed_scale  # Gemma multiplies embeddings by sqrt(D) (in the weights' dtype)
         # Registration order fixes the init RNG stream: embeddings, rotary, layers, norm, lm_head.
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.rotary = rotary
-        self.layers = nn.ModuleList(make_block() for _ in range(c.num_hidden_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.rotary = nn.ModuleDict(rotary) if isinstance(rotary, dict) else rotary
+        self.layers = nn.ModuleList(make_block(i) for i in range(c.num_hidden_layers))
+        self.norm = make_norm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
 
     def forward(
@@ -50,18 +74,29 @@ class DecoderLM(nn.Module):
         [embeddings, block 0 output, ..., block L-1 output] for locating numerical divergence.
         """
         B, T = input_ids_BT.shape
-        x_BTD = self.tok_embeddings(input_ids_BT)
+        x_BTD = self.embed(input_ids_BT)
         if position_ids_BT is None:
             position_ids_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
-        cos_BTDh, sin_BTDh = self.rotary(x_BTD, position_ids_BT)
-        mask_B1TT = None if doc_ids_BT is None else build_attention_mask(doc_ids_BT)
+        per_type = {}  # layer type -> (cos, sin, mask), computed once per kind, not per layer
+        for layer_type in dict.fromkeys(self.layer_types):
+            rotary = self.rotary[layer_type] if isinstance(self.rotary, nn.ModuleDict) else self.rotary
+            window = self.sliding_window if layer_type == "sliding_attention" else None
+            mask = build_attention_mask(doc_ids_BT, T, window, device=input_ids_BT.device)
+            per_type[layer_type] = (*rotary(x_BTD, position_ids_BT), mask)
         hidden: list[torch.Tensor] = [x_BTD]
-        for layer in self.layers:
-            x_BTD = layer(x_BTD, cos_BTDh, sin_BTDh, mask_B1TT)
+        for layer, layer_type in zip(self.layers, self.layer_types):
+            x_BTD = layer(x_BTD, *per_type[layer_type])
             if return_hidden_states:
                 hidden.append(x_BTD)
         h_BTD = self.norm(x_BTD)
         return (h_BTD, hidden) if return_hidden_states else h_BTD
+
+    def embed(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """Token embeddings x_BTD, scaled where the family scales them."""
+        x_BTD = self.tok_embeddings(input_ids_BT)
+        if self.embed_scale is not None:
+            x_BTD = x_BTD * torch.tensor(self.embed_scale, dtype=x_BTD.dtype)
+        return x_BTD
 
     def output_weight(self) -> torch.Tensor:
         """The [V, D] output matrix: lm_head.weight, or the embedding matrix when tied."""
@@ -73,48 +108,66 @@ class DecoderLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """normal(0, std) for linears and embeddings, zeros for biases, ones for norms; seed-deterministic."""
+        """normal(0, std) for linears and embeddings, zeros for biases, a module's own reset_parameters()
+        for the rest (norms, experts); seed-deterministic."""
         for module in self.modules():  # registration order is fixed, so the RNG stream is too
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
+            elif module is self or isinstance(module, RotaryEmbedding):
+                continue  # rotary holds buffers only: rebuilt below
+            elif hasattr(module, "init_weights"):
+                module.init_weights(std)  # parameter holders of a family's own (experts, sinks, LoRA)
+            elif hasattr(module, "reset_parameters"):
+                module.reset_parameters()  # norms (ones, or zeros for Gemma's 1 + w), experts, sinks
         self.rebuild_buffers()
 
     def rebuild_buffers(self) -> None:
         """Recompute RoPE inv_freq (non-persistent, so garbage after meta-device init + to_empty)."""
-        self.rotary.reset_parameters()
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.reset_parameters()
 
 
 # ------------------------------------------------------------------------------ HF key maps
 
-_LAYER_RE = re.compile(r"(?<=layers\.)(\d+)(?=\.)")
+_INDEX_RE = re.compile(r"(?<=\.)(\d+)(?=\.)")
+_PLACEHOLDERS = ("{i}", "{j}")  # layer index, then expert index (Qwen3-MoE's experts.{j}.gate_proj)
 
 
 def rename(name: str, table: dict[str, str]) -> str | None:
-    """Map one name through a template table ("{i}" = layer index); None when it has no entry."""
-    m = _LAYER_RE.search(name)
-    template = _LAYER_RE.sub("{i}", name, count=1) if m else name
+    """Map one name through a template table ("{i}" = layer, "{j}" = expert index); None when no entry."""
+    indices = _INDEX_RE.findall(name)
+    if len(indices) > len(_PLACEHOLDERS):
+        return None
+    template = name
+    for placeholder in _PLACEHOLDERS[: len(indices)]:
+        template = _INDEX_RE.sub(placeholder, template, count=1)
     target = table.get(template)
     if target is None:
         return None
-    return target.replace("{i}", m.group(1)) if m else target
+    for placeholder, index in zip(_PLACEHOLDERS, indices):
+        target = target.replace(placeholder, index)
+    return target
 
 
 def expected_keys(
     key_map: dict[str, str], config: Any, keep: Callable[[str], bool] = lambda k: True
 ) -> list[str]:
-    """Every parameter name our model has: lm_head only when untied, templates the family `keep`s."""
+    """Every parameter name our model has: lm_head only when untied, templates the family `keep`s.
+
+    "{i}" expands over config.num_hidden_layers, "{j}" over config.num_experts."""
     keys = []
     for ours in key_map:
         if (ours == "lm_head.weight" and config.tie_word_embeddings) or not keep(ours):
             continue
+        names = [ours]
         if "{i}" in ours:
-            keys += [ours.replace("{i}", str(i)) for i in range(config.num_hidden_layers)]
-        else:
-            keys.append(ours)
+            names = [n.replace("{i}", str(i)) for n in names for i in range(config.num_hidden_layers)]
+        if "{j}" in ours:
+            names = [n.replace("{j}", str(j)) for n in names for j in range(config.num_experts)]
+        keys += names
     return keys
 
 

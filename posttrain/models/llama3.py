@@ -203,7 +203,7 @@ class Llama3ForCausalLM(DecoderLM):
         super().__init__(
             c,
             RotaryEmbedding(c.head_dim, c.rope_theta, scale_inv_freq=scale),
-            lambda: TransformerBlock(
+            lambda i: TransformerBlock(
                 Attention(
                     c.hidden_size,
                     c.num_attention_heads,

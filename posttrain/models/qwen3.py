@@ -140,7 +140,7 @@ class Qwen3ForCausalLM(DecoderLM):
         super().__init__(
             c,
             RotaryEmbedding(c.head_dim, c.rope_theta),
-            lambda: TransformerBlock(
+            lambda i: TransformerBlock(
                 Attention(
                     c.hidden_size,
                     c.num_attention_heads,
