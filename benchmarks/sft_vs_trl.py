@@ -154,12 +154,11 @@ def fresh_dir(path: Path) -> Path:
 def write_initial_checkpoint(out_dir: Path) -> Path:
     """posttrain's from-scratch init of the tiny config, exported as an HF checkpoint + tokenizer."""
     from posttrain.data.tokenizer import Tokenizer
-    from posttrain.train.setup import build_model_for, export_hf
+    from posttrain.models.build import build_model_for, export_hf
 
     cfg = load_job(CONFIG)
     tokenizer = Tokenizer.from_dir(cfg.tokenizer.path)
-    model, model_cfg = build_model_for(cfg.model, tokenizer, cfg.seed)
-    return export_hf(model, model_cfg, tokenizer, out_dir)
+    return export_hf(build_model_for(cfg.model, tokenizer, cfg.seed), tokenizer, out_dir)
 
 
 # ---------------------------------------------------------------------------------- posttrain

@@ -110,17 +110,19 @@ class DecoderLM(nn.Module):
     def init_weights(self, std: float = 0.02) -> None:
         """normal(0, std) for linears and embeddings, zeros for biases, a module's own reset_parameters()
         for the rest (norms, experts); seed-deterministic."""
+        owned: set[int] = set()  # submodules of a module that initialises itself
         for module in self.modules():  # registration order is fixed, so the RNG stream is too
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if module is self or id(module) in owned or isinstance(module, RotaryEmbedding):
+                continue  # rotary holds buffers only: rebuilt below
+            if hasattr(module, "init_weights"):
+                module.init_weights(std)  # parameter holders of a family's own (experts, sinks, LoRA)
+                owned.update(id(m) for m in module.modules())
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif module is self or isinstance(module, RotaryEmbedding):
-                continue  # rotary holds buffers only: rebuilt below
-            elif hasattr(module, "init_weights"):
-                module.init_weights(std)  # parameter holders of a family's own (experts, sinks, LoRA)
             elif hasattr(module, "reset_parameters"):
-                module.reset_parameters()  # norms (ones, or zeros for Gemma's 1 + w), experts, sinks
+                module.reset_parameters()  # norms (ones, or zeros for Gemma's 1 + w)
         self.rebuild_buffers()
 
     def rebuild_buffers(self) -> None:

@@ -20,17 +20,35 @@ from safetensors.torch import save_file
 from torch import nn
 
 from posttrain.errors import ModelError
-from posttrain.models import llama3, qwen3
+from posttrain.models import gemma3, gpt_oss, heads, llama3, qwen3, qwen3_moe
 
 # model_type (as in config.json) -> (config class, model class, from_hf_state_dict, to_hf_state_dict).
 # A config class provides from_hf_dict / to_hf_dict; a model class provides rebuild_buffers / init_weights.
 FAMILIES: dict[str, tuple[type, type[nn.Module], Callable[..., dict], Callable[..., dict]]] = {
     "qwen3": (qwen3.Qwen3Config, qwen3.Qwen3ForCausalLM, qwen3.from_hf_state_dict, qwen3.to_hf_state_dict),
+    "qwen3_moe": (
+        qwen3_moe.Qwen3MoeConfig,
+        qwen3_moe.Qwen3MoeForCausalLM,
+        qwen3_moe.from_hf_state_dict,
+        qwen3_moe.to_hf_state_dict,
+    ),
     "llama": (
         llama3.Llama3Config,
         llama3.Llama3ForCausalLM,
         llama3.from_hf_state_dict,
         llama3.to_hf_state_dict,
+    ),
+    "gemma3_text": (
+        gemma3.Gemma3Config,
+        gemma3.Gemma3ForCausalLM,
+        gemma3.from_hf_state_dict,
+        gemma3.to_hf_state_dict,
+    ),
+    "gpt_oss": (
+        gpt_oss.GptOssConfig,
+        gpt_oss.GptOssForCausalLM,
+        gpt_oss.from_hf_state_dict,
+        gpt_oss.to_hf_state_dict,
     ),
 }
 
@@ -49,7 +67,13 @@ def _family(
 
 
 # Family names users write in job files (`model.family`) -> model_type in HF's config.json.
-MODEL_TYPES = {"qwen3": "qwen3", "llama3": "llama"}
+MODEL_TYPES = {
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
+    "llama3": "llama",
+    "gemma3": "gemma3_text",
+    "gpt_oss": "gpt_oss",
+}
 
 
 def build_model(family: str, config_dict: dict[str, Any]) -> tuple[nn.Module, Any]:
@@ -101,6 +125,7 @@ def load_pretrained(
     if missing:
         raise ModelError(f"{path}: checkpoint is missing weights {missing}")
     model.rebuild_buffers()  # inv_freq is non-persistent: recompute it in fp32 on the device
+    heads.load_heads(model, path)  # reward / classification heads saved beside the weights, if any
     return model, config
 
 
@@ -124,10 +149,12 @@ def save_pretrained(
     max_shard_bytes: int = 5 * 2**30,
     generation_config: dict[str, Any] | None = None,
     token_ids: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write config.json (+ generation_config.json) and safetensors weights with HF names.
 
     token_ids: optional {"bos_token_id", "eos_token_id", "pad_token_id"} written into config.json.
+    state_dict: what to write instead of model.state_dict() (e.g. LoRA merged into the weights).
     Tied models omit lm_head.weight, as HF does. Returns out_dir.
     """
     out_dir = Path(out_dir)
@@ -140,7 +167,14 @@ def save_pretrained(
     if generation_config is not None:
         (out_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
 
-    hf_sd = to_hf(model.state_dict(), config)
+    if state_dict is None:
+        state_dict = model.state_dict()
+        if any(".lora_a." in k for k in state_dict):
+            raise ModelError(
+                "save_pretrained: the model has LoRA adapters; pass lora.merged_state_dict(model)"
+            )
+    hf_sd = to_hf({k: v for k, v in state_dict.items() if not k.startswith("heads.")}, config)
+    heads.save_heads(model, out_dir, dtype)
     shards = _plan_shards(hf_sd, dtype, max_shard_bytes)
     # Remove weights of an earlier save so a loader never mixes the two layouts.
     for stale in [out_dir / SINGLE_FILE, out_dir / INDEX_FILE, *out_dir.glob("model-*-of-*.safetensors")]:
@@ -177,3 +211,66 @@ def _write_shard(sd: dict[str, torch.Tensor], names: list[str], dtype: torch.dty
     # Only one shard's converted copy exists at a time; contiguous() because safetensors needs it.
     tensors = {name: sd[name].detach().to(device="cpu", dtype=dtype).contiguous() for name in names}
     save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def save_lora_adapter(
+    model: nn.Module, config: Any, out_dir: str | Path, base_model_path: str | None
+) -> Path:
+    """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for the HF model.
+
+    `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out_dir)` then computes
+    what our adapted model computes."""
+    from posttrain.models import lora  # local: only LoRA runs need it
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _, _, _, to_hf = _family(config.to_hf_dict()["model_type"], "save_lora_adapter")
+
+    def hf_name(ours: str) -> str:
+        return next(iter(to_hf({ours: torch.empty(0)}, config)))
+
+    tensors = lora.peft_adapter_state_dict(model, hf_name)
+    save_file(
+        {k: v.to("cpu").contiguous() for k, v in tensors.items()},
+        str(out_dir / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    adapter_config = lora.peft_adapter_config(model, base_model_path)
+    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+    return out_dir
+
+
+def save_sequence_classifier(
+    model: nn.Module,
+    config: Any,
+    head_name: str,
+    out_dir: str | Path,
+    *,
+    pad_token_id: int,
+    dtype: torch.dtype = torch.float32,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the base model + heads[head_name] as the family's transformers ...ForSequenceClassification.
+
+    `AutoModelForSequenceClassification.from_pretrained(out_dir)` then scores a sequence with the head's
+    output at its last non-pad token, which is what `heads.pooled_scores` computes. pad_token_id is
+    required: HF pools at the rightmost token that is not padding.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    head = model.heads[head_name]
+    hf_config = config.to_hf_dict(torch_dtype=str(dtype).removeprefix("torch."), pad_token_id=pad_token_id)
+    hf_config["architectures"] = [heads.sequence_classifier_architecture(hf_config["architectures"][0])]
+    hf_config["num_labels"] = head.num_outputs
+    hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(head.num_outputs)}
+    hf_config["label2id"] = {f"LABEL_{i}": i for i in range(head.num_outputs)}
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    _, _, _, to_hf = _family(hf_config["model_type"], "save_sequence_classifier")
+    sd = state_dict if state_dict is not None else model.state_dict()
+    hf_sd = to_hf({k: v for k, v in sd.items() if not k.startswith("heads.")}, config)
+    hf_sd.pop("lm_head.weight", None)  # a classifier has no LM head
+    hf_sd["score.weight"] = head.weight
+    for stale in [out_dir / SINGLE_FILE, out_dir / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    _write_shard(hf_sd, list(hf_sd), dtype, out_dir / SINGLE_FILE)
+    return out_dir

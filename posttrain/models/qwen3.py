@@ -47,39 +47,7 @@ class Qwen3Config:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> Qwen3Config:
         """Read an HF config.json dict (transformers 4 or 5 style); refuse features we do not implement."""
-        model_type = d.get("model_type", "qwen3")
-        if model_type != "qwen3":
-            raise ModelError(f"config model_type is {model_type!r}, expected 'qwen3'")
-        rope_theta = d.get("rope_theta")
-        rope_params = d.get("rope_parameters") or d.get("rope_scaling")
-        if rope_params:
-            rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
-            if rope_type != "default":
-                raise ModelError(f"unsupported Qwen3 feature: rope_type {rope_type!r} (only 'default' RoPE)")
-            rope_theta = rope_params.get("rope_theta", rope_theta)
-        if d.get("attention_bias", False):
-            raise ModelError("unsupported Qwen3 feature: attention_bias=true")
-        if d.get("use_sliding_window", False) or "sliding_attention" in (d.get("layer_types") or []):
-            raise ModelError("unsupported Qwen3 feature: sliding-window attention (use_sliding_window=true)")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ModelError(f"unsupported Qwen3 feature: hidden_act {d['hidden_act']!r} (only 'silu')")
-        try:
-            num_heads = d["num_attention_heads"]
-            return cls(
-                vocab_size=d["vocab_size"],
-                hidden_size=d["hidden_size"],
-                intermediate_size=d["intermediate_size"],
-                num_hidden_layers=d["num_hidden_layers"],
-                num_attention_heads=num_heads,
-                num_key_value_heads=d.get("num_key_value_heads") or num_heads,
-                head_dim=d.get("head_dim") or d["hidden_size"] // num_heads,
-                rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-                rope_theta=float(rope_theta if rope_theta is not None else 1_000_000.0),
-                max_position_embeddings=d.get("max_position_embeddings", 4096),
-                tie_word_embeddings=d.get("tie_word_embeddings", False),  # HF's Qwen3Config default
-            )
-        except KeyError as e:
-            raise ModelError(f"Qwen3 config is missing required key {e.args[0]!r}") from None
+        return cls(**_hf_common_fields(d, "qwen3"))
 
     def to_hf_dict(
         self,
@@ -130,6 +98,43 @@ class Qwen3Config:
         if not self.tie_word_embeddings:
             total += embedding  # the separate lm_head is a matmul weight, counted even without embeddings
         return total
+
+
+def _hf_common_fields(d: dict[str, Any], expected_model_type: str) -> dict[str, Any]:
+    """The Qwen3 attention/shape fields of an HF config dict, shared by Qwen3 and Qwen3-MoE."""
+    model_type = d.get("model_type", expected_model_type)
+    if model_type != expected_model_type:
+        raise ModelError(f"config model_type is {model_type!r}, expected {expected_model_type!r}")
+    rope_theta = d.get("rope_theta")
+    rope_params = d.get("rope_parameters") or d.get("rope_scaling")
+    if rope_params:
+        rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
+        if rope_type != "default":
+            raise ModelError(f"unsupported Qwen3 feature: rope_type {rope_type!r} (only 'default' RoPE)")
+        rope_theta = rope_params.get("rope_theta", rope_theta)
+    if d.get("attention_bias", False):
+        raise ModelError("unsupported Qwen3 feature: attention_bias=true")
+    if d.get("use_sliding_window", False) or "sliding_attention" in (d.get("layer_types") or []):
+        raise ModelError("unsupported Qwen3 feature: sliding-window attention (use_sliding_window=true)")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ModelError(f"unsupported Qwen3 feature: hidden_act {d['hidden_act']!r} (only 'silu')")
+    try:
+        num_heads = d["num_attention_heads"]
+        return dict(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=num_heads,
+            num_key_value_heads=d.get("num_key_value_heads") or num_heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // num_heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta if rope_theta is not None else 1_000_000.0),
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),  # HF's Qwen3Config default
+        )
+    except KeyError as e:
+        raise ModelError(f"Qwen3 config is missing required key {e.args[0]!r}") from None
 
 
 class Qwen3ForCausalLM(DecoderLM):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,22 @@ TOLERANCES = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 # Small enough for a laptop CPU, big enough to exercise GQA (4 query heads share 2 kv heads) and several layers.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    # 8 experts, top 2, renormalised; layer 1 dense (mlp_only_layers) so both MLP kinds are checked.
+    "qwen3_moe": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+        max_position_embeddings=256,
+    ),
     "qwen3": dict(
         vocab_size=512,
         hidden_size=64,
@@ -52,6 +69,44 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         ),
         max_position_embeddings=256,
     ),
+    # Layers S S F S S (pattern 3). An 8-token window is shorter than the 33-token ids and the 13-token
+    # packed document; query_pre_attn_scalar != head_dim, non-default RoPE bases per kind, and a linear
+    # scaling on the global layers check that each reaches transformers through config.json.
+    "gemma3": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=8,
+        sliding_window_pattern=3,
+        rope_theta=50_000.0,
+        rope_local_base_freq=1_000.0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+        max_position_embeddings=256,
+    ),
+    # Layers S F S F with an 8-token window (shorter than the 33-token ids and the 13-token packed
+    # document), 8 experts top 2, and YaRN over a 16-token original context (factor 4: 64 positions), so
+    # sinks, windows, routing and the YaRN ramp all reach transformers through config.json.
+    "gpt_oss": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        rope_theta=10_000.0,
+        rope_scaling=dict(factor=4.0, original_max_position_embeddings=16, truncate=False),
+        max_position_embeddings=64,
+    ),
 }
 
 
@@ -68,6 +123,8 @@ class VerifyReport:
     tolerance: float
     passed: bool
     first_diverging: str | None  # e.g. "untied: layers.1" when a check failed; None when passed
+    routing_mismatches: int | None = None  # MoE: tokens whose top-k experts differ from HF's (must be 0)
+    bf16_max_abs_diff: float | None = None  # the same comparison in bf16; reported, not gated
 
     def format(self) -> str:
         status = "PASSED" if self.passed else "FAILED"
@@ -76,6 +133,10 @@ class VerifyReport:
             f"  max |logits diff| vs transformers: {self.max_abs_diff_logits:.3e}  (tolerance {self.tolerance:.0e})",
             f"  max |logits diff| packed vs alone: {self.max_abs_diff_packed:.3e}",
         ]
+        if self.routing_mismatches is not None:
+            lines.append(f"  MoE tokens routed differently:    {self.routing_mismatches}  (must be 0)")
+        if self.bf16_max_abs_diff is not None:
+            lines.append(f"  bf16 max |logits diff| (report):  {self.bf16_max_abs_diff:.3e}")
         if self.first_diverging is not None:
             lines.append(f"  first diverging module: {self.first_diverging}")
         return "\n".join(lines)
@@ -92,15 +153,45 @@ def _load_hf(path: Path, dtype: torch.dtype) -> nn.Module:
     return hf.eval()
 
 
+def _routing_mismatches(ours: nn.Module, hf: nn.Module, run: Callable[[], None]) -> int | None:
+    """Tokens whose set of top-k experts differs between ours and HF in any MoE layer (None if dense).
+
+    Ours: every module with `last_expert_ids` (moe.MoE and the GPT-OSS MLP) records [N, k] per forward.
+    HF: its routers (`mlp.gate` in Qwen3-MoE, `mlp.router` in GPT-OSS) return (logits, weights, ids).
+    """
+    hf_ids: list[torch.Tensor] = []
+    hooks = [
+        module.register_forward_hook(lambda _m, _i, out: hf_ids.append(out[-1]))
+        for name, module in hf.named_modules()
+        if name.endswith((".mlp.gate", ".mlp.router")) and not isinstance(module, nn.Linear)
+    ]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    ours_ids = [m.last_expert_ids for m in ours.modules() if getattr(m, "last_expert_ids", None) is not None]
+    if not ours_ids and not hf_ids:
+        return None
+    if len(ours_ids) != len(hf_ids):
+        return -1  # different number of sparse layers: a structural mismatch
+    return sum(
+        int((a.sort(dim=-1).values != b.reshape(a.shape).sort(dim=-1).values).any(dim=-1).sum())
+        for a, b in zip(ours_ids, hf_ids)
+    )
+
+
 @torch.no_grad()
 def _compare(
     ours: nn.Module, hf: nn.Module, vocab_size: int, seed: int, tol: float
-) -> tuple[float, float, str | None]:
-    """Return (max logits diff, max packed diff, first diverging module or None)."""
+) -> tuple[float, float, str | None, int | None]:
+    """Return (max logits diff, max packed diff, first diverging module or None, MoE routing mismatches)."""
     gen = torch.Generator().manual_seed(seed)
     ids_BT = torch.randint(0, vocab_size, (2, 33), generator=gen)
     h_BTD, ours_hidden = ours(ids_BT, return_hidden_states=True)
-    ref = hf(ids_BT, output_hidden_states=True)
+    outputs = []
+    routing = _routing_mismatches(ours, hf, lambda: outputs.append(hf(ids_BT, output_hidden_states=True)))
+    ref = outputs[0]
     diff_logits = (ours.logits(h_BTD).float() - ref.logits.float()).abs().max().item()
 
     first = None
@@ -126,7 +217,9 @@ def _compare(
         start += n
     if first is None and diff_packed > tol:
         first = "packing (attention mask or per-document positions)"
-    return diff_logits, diff_packed, first
+    if first is None and routing:
+        first = "MoE router (top-k experts differ)"
+    return diff_logits, diff_packed, first, routing
 
 
 def _first_diverging(
@@ -150,10 +243,15 @@ def _first_diverging(
     return "lm_head / output weight"  # the residual stream matches, so the output projection differs
 
 
-def verify_family(family: str = "qwen3", seed: int = 0, dtype: torch.dtype = torch.float32) -> VerifyReport:
-    """Tiny random tied and untied models, saved by us and loaded by transformers, must agree."""
+def verify_family(
+    family: str = "qwen3", seed: int = 0, dtype: torch.dtype = torch.float32, *, report_bf16: bool = True
+) -> VerifyReport:
+    """Tiny random tied and untied models, saved by us and loaded by transformers, must agree.
+
+    report_bf16: also run the untied comparison in bf16 and report its max diff (not gated: bf16 rounding
+    differs with any change of operation order)."""
     tol = TOLERANCES[dtype]
-    worst_logits, worst_packed, first = 0.0, 0.0, None
+    worst_logits, worst_packed, first, routing = 0.0, 0.0, None, None
     for tied in (False, True):
         torch.manual_seed(seed)
         model, config = build_model(
@@ -164,12 +262,17 @@ def verify_family(family: str = "qwen3", seed: int = 0, dtype: torch.dtype = tor
         with tempfile.TemporaryDirectory() as tmp:
             save_pretrained(model, config, tmp, dtype=dtype)
             hf = _load_hf(Path(tmp), dtype)
-            d_logits, d_packed, where = _compare(model, hf, config.vocab_size, seed, tol)
+            d_logits, d_packed, where, mismatches = _compare(model, hf, config.vocab_size, seed, tol)
         worst_logits, worst_packed = max(worst_logits, d_logits), max(worst_packed, d_packed)
+        if mismatches is not None:
+            routing = (routing or 0) + abs(mismatches)
         if first is None and where is not None:
             first = f"{'tied' if tied else 'untied'}: {where}"
-    passed = worst_logits <= tol and worst_packed <= tol
-    return VerifyReport(family, worst_logits, worst_packed, tol, passed, first)
+    passed = worst_logits <= tol and worst_packed <= tol and not routing
+    bf16 = None
+    if report_bf16 and dtype == torch.float32:
+        bf16 = verify_family(family, seed, torch.bfloat16, report_bf16=False).max_abs_diff_logits
+    return VerifyReport(family, worst_logits, worst_packed, tol, passed, first, routing, bf16)
 
 
 def verify_dir(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> VerifyReport:
@@ -178,9 +281,10 @@ def verify_dir(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float
     model, config = load_pretrained(path, dtype=dtype)
     model.eval()
     hf = _load_hf(Path(path), dtype)
-    d_logits, d_packed, where = _compare(model, hf, config.vocab_size, seed, tol)
+    d_logits, d_packed, where, routing = _compare(model, hf, config.vocab_size, seed, tol)
     family = type(config).__name__.removesuffix("Config").lower()
-    return VerifyReport(family, d_logits, d_packed, tol, d_logits <= tol and d_packed <= tol, where)
+    passed = d_logits <= tol and d_packed <= tol and not routing
+    return VerifyReport(family, d_logits, d_packed, tol, passed, where, routing)
 
 
 def main(argv: list[str]) -> int:

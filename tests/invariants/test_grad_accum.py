@@ -34,8 +34,11 @@ def test_one_by_eight_equals_eight_by_one(tmp_path):
     (l1, p1), (l8, p8) = results
     for a, b in zip(l1, l8):
         assert abs(a - b) < 1e-5, (l1, l8)
+    # Weights after 3 AdamW steps at lr 3e-3. Only fp32 summation order differs between the splits (the fused
+    # loss scales its gradients after the chunk matmuls); Adam's m/sqrt(v) magnifies that for near-zero
+    # gradients to ~1.5e-5 at most here, while a wrong normalisation moves weights by ~lr (3e-3).
     for k in p1:
-        torch.testing.assert_close(p1[k], p8[k], rtol=0, atol=1e-5, msg=k)
+        torch.testing.assert_close(p1[k], p8[k], rtol=0, atol=5e-5, msg=k)
     assert l1[2] < l1[0]  # and it learns
 
 

@@ -73,7 +73,7 @@ def test_verify_names_first_diverging_layer(tmp_path: Path) -> None:
     hf = verify._load_hf(tmp_path, torch.float32)
     with torch.no_grad():  # break our copy only: HF keeps the saved weights
         model.layers[1].mlp.up_proj.weight.add_(0.5)
-    d_logits, _, where = verify._compare(model, hf, config.vocab_size, seed=0, tol=TOL_FP32)
+    d_logits, _, where, _ = verify._compare(model, hf, config.vocab_size, seed=0, tol=TOL_FP32)
     assert d_logits > TOL_FP32
     assert where == "layers.1"
 
