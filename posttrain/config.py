@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Tag, ValidationError, model_validator
 
 from posttrain.errors import ConfigError
 
@@ -46,21 +46,49 @@ class ArchConfig(Section):
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = True
     rms_norm_eps: float = 1e-6
+    # MoE families (qwen3_moe) only; None leaves the family default.
+    num_experts: int | None = None  # experts per sparse layer
+    num_experts_per_tok: int | None = None  # experts each token is routed to (top-k)
+    moe_intermediate_size: int | None = None  # SwiGLU inner width of one expert
+    norm_topk_prob: bool | None = None  # renormalise the top-k routing weights to sum to 1
+
+
+class LoRAConfig(Section):
+    """Low-rank adapters on the named linears; everything else is frozen (see posttrain/models/lora.py)."""
+
+    rank: int  # adapter rank r
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input (training only)
+    # unified module names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj, or the groups
+    # attention, mlp, experts
+    targets: list[str] = ["attention"]
 
 
 class ModelConfig(Section):
     """Which model to train: an HF checkpoint directory (`path`) or a fresh one (`arch`)."""
 
-    family: Literal["qwen3", "llama3"] = "qwen3"  # for model.arch; model.path reads config.json
+    family: Literal["qwen3", "qwen3_moe", "llama3", "gemma3", "gpt_oss"] = (
+        "qwen3"  # for model.arch; model.path reads config.json
+    )
     path: str | None = None  # local HF directory (config.json + safetensors)
     arch: ArchConfig | None = None  # from-scratch architecture; exactly one of path / arch
     dtype: Literal["float32", "bfloat16"] = "float32"  # parameter dtype; CPU runs use float32
     init_std: float = 0.02  # std of the normal init for from-scratch weights
+    # native: our definitions (packing masks, chunked loss, LoRA, verifier); hf: any local
+    # AutoModelForCausalLM through transformers (model.arch is built with our init, then handed to
+    # transformers; see models/hf_backend.py)
+    backend: Literal["native", "hf"] = "native"
+    lora: LoRAConfig | None = None  # train low-rank adapters instead of all weights
+    # train only the embedding/output rows of tokens added to the tokenizer (semantic IDs, new special
+    # tokens); other weights stay frozen (LoRA adapters, when configured, still train)
+    train_new_token_rows_only: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         if (self.path is None) == (self.arch is None):
             raise ValueError("set exactly one of model.path (an HF checkpoint) or model.arch (from scratch)")
+        if self.backend == "hf" and (self.lora is not None or self.train_new_token_rows_only):
+            raise ValueError("model.lora and model.train_new_token_rows_only need model.backend=native")
         return self
 
 
@@ -68,30 +96,103 @@ class TokenizerConfig(Section):
     """The HF tokenizer directory; `builtin` is the small tokenizer shipped with posttrain."""
 
     path: str = "builtin"
-    extra_special_tokens: list[str] = []
+    extra_special_tokens: list[str] = []  # added as special tokens (never split), e.g. "<|tool|>"
+    semantic_id_tokens: int = 0  # add <sid_0> ... <sid_{n-1}> as special tokens (item semantic IDs)
 
 
 class SourceConfig(Section):
-    """One JSONL file of samples."""
+    """One data source: a file, a directory, a glob or an object-store URL, streamed record by record.
+
+    `path` may be a JSONL file (`.jsonl`, `.jsonl.gz`), a Parquet file, a `datasets.save_to_disk`
+    directory, a directory or glob of such files, or the same on `s3://` (through fsspec/s3fs).
+    """
 
     path: str
-    # chat: {"messages": [...]}; prompt_completion: {"prompt", "completion"}; text: {"text"}
-    format: Literal["chat", "prompt_completion", "text"]
+    # chat: {"messages": [...]}; prompt_completion: {"prompt", "completion"}; text: {"text"};
+    # tokens: {"input_ids", "labels"?}; preference / rl_prompt / distill: see posttrain/data/schemas.py
+    format: Literal["chat", "prompt_completion", "text", "tokens", "preference", "rl_prompt", "distill"]
     on_error: Literal["raise", "skip"] = "raise"  # skip = drop bad samples, counted in summary.json
-    max_samples: int | None = None  # read at most this many samples (None = all)
+    max_samples: int | None = None  # read at most this many records per epoch (None = all)
+    name: str | None = None  # label in metrics and the weight schedule; default: the file or folder name
+    weight: float = 1.0  # relative sampling weight among data.train sources (ignored for one source)
+    epochs: int | None = None  # passes over this source; None = as many as training needs
+    # fsspec options for remote paths, e.g. {endpoint_url: ..., key: ..., secret: ...} for s3://
+    storage_options: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _positive(self) -> SourceConfig:
+        if self.weight < 0 or (self.epochs is not None and self.epochs < 1):
+            raise ValueError(
+                f"weight must be >= 0 and epochs >= 1 (got weight={self.weight}, epochs={self.epochs})"
+            )
+        return self
+
+
+class WeightPoint(Section):
+    """Source weights from `step` on; between two points the weights move linearly."""
+
+    step: int  # optimizer step
+    weights: dict[str, float]  # source name -> weight (sources not named keep their `weight`)
+
+
+def _one_or_many(value: Any) -> str:
+    return "source_list" if isinstance(value, list) else "one_source"
+
+
+# data.train is one source (a mapping) or several (a list); the tag keeps validation errors readable.
+Sources = Annotated[
+    Annotated[SourceConfig, Tag("one_source")] | Annotated[list[SourceConfig], Tag("source_list")],
+    Discriminator(_one_or_many),
+]
+UNION_TAGS = ("one_source", "source_list")
 
 
 class DataConfig(Section):
     """How samples become training rows."""
 
-    train: SourceConfig
+    train: Sources  # one source, or a list of sources mixed by `weight`
     eval: SourceConfig | None = None
     max_tokens_per_pack: int  # row length in tokens (with packing) and the per-sample cap
     packing: bool = True  # False = one sample per row, padded to the longest in the micro-batch
     pack_open_rows: int = 16  # best-fit packing keeps this many partially filled rows open
     overlong: Literal["truncate", "drop", "split"] = "truncate"  # samples longer than a row
     mask: Literal["all_assistant", "last_assistant"] = "all_assistant"  # chat turns that bear loss
-    shuffle: bool = True  # reshuffle sample order every epoch (seeded)
+    shuffle: bool = True  # shuffle file order per epoch and records within a window (seeded)
+    shuffle_window_samples: int = 1024  # records shuffled together; memory grows with it
+    prefetch_rows: int = 64  # rows packed ahead in a background thread (0 = pack in the loop's thread)
+    weight_schedule: list[WeightPoint] = []  # weights over steps (empty = each source's `weight`)
+
+    @property
+    def train_sources(self) -> list[SourceConfig]:
+        return list(self.train) if isinstance(self.train, list) else [self.train]
+
+    @model_validator(mode="after")
+    def _mix(self) -> DataConfig:
+        names = [source_name(s) for s in self.train_sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"train: source names must be unique, {dupes} repeat (set `name:`)")
+        if not self.train_sources:
+            raise ValueError("train: give at least one source")
+        if all(s.weight == 0 for s in self.train_sources):
+            raise ValueError("train: every source has weight 0")
+        for i, point in enumerate(self.weight_schedule):
+            unknown = sorted(set(point.weights) - set(names))
+            if unknown:
+                raise ValueError(f"weight_schedule[{i}]: unknown source {unknown} (sources: {names})")
+            if i and point.step <= self.weight_schedule[i - 1].step:
+                raise ValueError(f"weight_schedule[{i}]: steps must increase")
+        return self
+
+
+def source_name(source: SourceConfig) -> str:
+    """The name a source goes by in metrics: `name`, else its last path component without suffixes."""
+    if source.name:
+        return source.name
+    last = source.path.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".gz", ".jsonl", ".json", ".parquet", ".arrow"):
+        last = last.removesuffix(suffix)
+    return last or source.path
 
 
 class OptimConfig(Section):
@@ -122,7 +223,8 @@ class TrainingConfig(Section):
     num_epochs: int | None = None
     max_grad_norm: float | None = 1.0  # clip the global gradient norm (None = no clipping)
     max_nonfinite_steps: int = 5  # skip steps with a NaN/inf loss or gradient; abort after this many
-    loss_chunk_size_tokens: int = 1024  # cross-entropy chunk: logits never exceed [chunk, vocab]
+    # cross-entropy chunk: logits never exceed [chunk, vocab]; null = auto (~80 MiB of fp32 logits)
+    loss_chunk_size_tokens: int | None = None
     eval_every_steps: int = 0  # 0 = evaluate only at the end (when data.eval is set)
     save_every_steps: int = 0  # 0 = no periodic checkpoints
     keep_last_checkpoints: int = 2
@@ -195,19 +297,29 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _model_in(ann: Any) -> type[BaseModel] | None:
+    """The config section inside an annotation (`X`, `X | None`, `list[X]`, `X | list[X]`)."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _fields_at(loc: tuple, model: type[BaseModel]) -> list[str]:
     """Valid keys of the section an error location points into (for 'did you mean')."""
     current: Any = model
     for part in loc[:-1]:
-        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+        if isinstance(part, int):  # an item of a list of sections (data.train[1])
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return []
         field = current.model_fields.get(part)
         if field is None:
             return []
-        ann = field.annotation
-        # unwrap `X | None`
-        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
-        current = args[0] if args else ann
+        current = _model_in(field.annotation) or field.annotation
     if isinstance(current, type) and issubclass(current, BaseModel):
         return list(current.model_fields)
     return []
@@ -216,7 +328,9 @@ def _fields_at(loc: tuple, model: type[BaseModel]) -> list[str]:
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = tuple(
+            p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in UNION_TAGS))
+        )
         path = ".".join(str(p) for p in loc) or "<top level>"
         kind = e["type"]
         if kind == "extra_forbidden":

@@ -30,7 +30,7 @@ def _spans(tokenizer: Tokenizer, sample: Sample) -> list[tuple[bool, str]]:
 def inspect(cfg: JobConfig, num_samples: int = 3, as_json: bool = False, out=None) -> list[Sample]:
     out = out or sys.stdout
     tokenizer = Tokenizer.from_dir(cfg.tokenizer.path, cfg.tokenizer.extra_special_tokens)
-    source = cfg.data.train.model_copy(update={"max_samples": num_samples})
+    source = cfg.data.train_sources[0].model_copy(update={"max_samples": num_samples})
     samples, skips = load_samples(
         source,
         tokenizer,

@@ -1,68 +1,131 @@
-"""Stateful loaders: an endless, seeded, resumable stream of training micro-batches, and a
-finite one for evaluation.
+"""Stateful loaders: an endless (or epochs-long), seeded, resumable stream of training
+micro-batches, and a finite one for evaluation.
 
-The training stream walks the samples in a per-epoch permutation (seed + epoch), feeds them to the
-packer (or, without packing, takes them one per row) and hands out micro-batches. Its state is the
-epoch, the cursor in that epoch's permutation, the packer's open rows and the rows already packed
-but not yet served, so a checkpointed run resumes on exactly the batch it would have seen next.
+`TrainLoader` pulls rows from a `Pipeline` (sources -> mixer -> tokenisation -> packer). With
+`prefetch_rows > 0` the pipeline runs in a background thread that keeps a bounded queue of packed
+rows ahead of the training loop, so reading, tokenising and packing overlap the model's work; the
+time the loop still waits for data is reported per step (`data_wait_s`).
+
+The checkpointed state always describes what the *training loop consumed*, not what the producer
+prefetched: each queued row carries the pipeline snapshot taken right after it was produced, and the
+loader keeps the snapshot of the last row it handed out. A resumed run therefore continues with
+exactly the batch the uninterrupted run would have seen next, with or without the background thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
 
 import torch
 
 from posttrain.data.packing import BestFitPacker, Row, collate, fill_rate
+from posttrain.data.pipeline import Pipeline
 from posttrain.data.samples import Sample
+from posttrain.errors import DataError
+
+_END = object()
+
+
+def _produce(pipeline: Pipeline, q: queue.Queue, stop: threading.Event) -> None:
+    """Producer thread: (row, snapshot after it) into q until the stream ends, fails or is stopped."""
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        while not stop.is_set():
+            row = pipeline.next_row()
+            if row is None:
+                put(_END)
+                return
+            if not put((row, pipeline.snapshot())):
+                return
+    except BaseException as err:  # handed to the training loop, which raises it where it would have
+        put(err)
+
+
+class _Producer:
+    """A background thread that runs `pipeline` ahead of the consumer, at most `maxsize` rows."""
+
+    def __init__(self, pipeline: Pipeline, maxsize: int):
+        self.queue: queue.Queue = queue.Queue(maxsize)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(
+            target=_produce, args=(pipeline, self.queue, self.stop), name="posttrain-packer", daemon=True
+        )
+        self.thread.start()
+
+    def get(self):
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return None if item is _END else item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 class TrainLoader:
-    """Endless stream of micro-batches over `samples`, epoch after epoch."""
+    """Micro-batches from a pipeline of `data.train`, with exact state and per-source counts."""
 
     def __init__(
         self,
-        samples: list[Sample],
+        build: Callable[[], Pipeline],
         *,
         row_len: int,
         micro_batch_size: int,
         pad_id: int,
         packing: bool = True,
-        open_rows: int = 16,
-        shuffle: bool = True,
-        seed: int = 0,
+        prefetch_rows: int = 0,
     ):
-        self.samples = samples
-        self.row_len = row_len
-        self.micro_batch_size = micro_batch_size
-        self.pad_id = pad_id
-        self.packing = packing
-        self.shuffle = shuffle
-        self.seed = seed
-        self.packer = BestFitPacker(row_len, open_rows)
-        self.epoch = 0
-        self.cursor = 0
-        self.ready: list[Row] = []
-        self._order = self._permutation(0)
+        self.build = build
+        self.row_len, self.micro_batch_size, self.pad_id = row_len, micro_batch_size, pad_id
+        self.packing, self.prefetch_rows = packing, prefetch_rows
+        self.pipeline = build()
+        self.names = self.pipeline.names
+        self._producer: _Producer | None = None
+        self._snapshot = self.pipeline.snapshot()  # state after the last row the loop consumed
         self.rows_served = 0
         self.tokens_served = 0  # real (non-pad) tokens in served rows
-
-    def _permutation(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(len(self.samples)))
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(len(self.samples), generator=g).tolist()
+        self.samples_by_source = [0] * len(self.names)
+        self.tokens_by_source = [0] * len(self.names)
+        self._step = {"samples": [0] * len(self.names), "tokens": [0] * len(self.names), "wait": 0.0}
 
     def _next_row(self) -> Row:
-        while not self.ready:
-            if self.cursor == len(self._order):
-                self.epoch += 1
-                self.cursor = 0
-                self._order = self._permutation(self.epoch)
-            sample = self.samples[self._order[self.cursor]]
-            self.cursor += 1
-            self.ready.extend(self.packer.add(sample) if self.packing else [[sample]])
-        return self.ready.pop(0)
+        if self.prefetch_rows <= 0:
+            row = self.pipeline.next_row()
+        else:
+            if self._producer is None:
+                self._producer = _Producer(self.pipeline, self.prefetch_rows)
+                weakref.finalize(self, self._producer.close)
+            t0 = time.perf_counter()
+            item = self._producer.get()
+            self._step["wait"] += time.perf_counter() - t0
+            row, snapshot = item if item is not None else (None, None)
+            if row is not None:
+                self._snapshot = snapshot
+        if row is None:
+            raise DataError(
+                f"training data ran out after {self.rows_served} rows: every data.train source finished "
+                "its epochs; lower training.max_steps, or raise or unset the sources' `epochs`"
+            )
+        for s in row:
+            self._step["samples"][s.source] += 1
+            self._step["tokens"][s.source] += len(s.input_ids)
+            self.samples_by_source[s.source] += 1
+            self.tokens_by_source[s.source] += len(s.input_ids)
+        return row
 
     def next_rows(self, n: int) -> list[Row]:
         rows = [self._next_row() for _ in range(n)]
@@ -78,40 +141,63 @@ class TrainLoader:
     def fill_rate(self) -> float:
         return self.tokens_served / max(1, self.rows_served * self.row_len)
 
-    def count_rows(self, num_epochs: int) -> int:
-        """Rows that `num_epochs` epochs pack into (a dry run of a fresh loader's packer)."""
-        dry = TrainLoader(
-            self.samples,
-            row_len=self.row_len,
-            micro_batch_size=1,
-            pad_id=self.pad_id,
-            packing=self.packing,
-            open_rows=self.packer.max_open_rows,
-            shuffle=self.shuffle,
-            seed=self.seed,
-        )
-        rows = 0
-        while dry.epoch < num_epochs:
-            dry._next_row()
+    def step_metrics(self) -> dict[str, float]:
+        """Samples and tokens per source, and seconds waited for data, since the last call."""
+        out: dict[str, float] = {"data_wait_s": self._step["wait"]}
+        for i, name in enumerate(self.names):
+            out[f"samples/{name}"] = self._step["samples"][i]
+            out[f"tokens/{name}"] = self._step["tokens"][i]
+        self._step = {"samples": [0] * len(self.names), "tokens": [0] * len(self.names), "wait": 0.0}
+        return out
+
+    def skips(self) -> dict[str, int]:
+        """Skipped or altered samples by reason, over all sources, as of what the loop consumed."""
+        total: dict[str, int] = {}
+        for _, skips in self._current()[0]:
+            for reason, n in skips.items():
+                total[reason] = total.get(reason, 0) + n
+        return total
+
+    def summary(self) -> dict:
+        """Per source: samples and tokens consumed, skips by reason (for summary.json)."""
+        return {
+            name: {"samples": self.samples_by_source[i], "tokens": self.tokens_by_source[i], "skipped": skips}
+            for i, (name, (_, skips)) in enumerate(zip(self.names, self._current()[0]))
+        }
+
+    def count_rows(self) -> int:
+        """Rows until every source has run its epochs (a dry run of a fresh pipeline)."""
+        dry, rows = self.build(), 0
+        if not all(s.epochs is not None for s in dry.streams):
+            raise DataError("counting rows needs every data.train source to have a number of epochs")
+        while dry.next_row() is not None:
             rows += 1
         return rows
 
+    def _current(self) -> tuple:
+        return self.pipeline.snapshot() if self.prefetch_rows <= 0 else self._snapshot
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
+
     def state_dict(self) -> dict:
         return {
-            "epoch": self.epoch,
-            "cursor": self.cursor,
-            "packer": self.packer.state_dict(),
-            "ready": [[(s.input_ids, s.labels) for s in row] for row in self.ready],
+            "pipeline": Pipeline.materialise(self._current()),
             "rows_served": self.rows_served,
             "tokens_served": self.tokens_served,
+            "samples_by_source": list(self.samples_by_source),
+            "tokens_by_source": list(self.tokens_by_source),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self._order = self._permutation(self.epoch)
-        self.packer.load_state_dict(state["packer"])
-        self.ready = [[Sample(list(i), list(y)) for i, y in row] for row in state["ready"]]
+        self.close()  # the producer ran ahead of the checkpoint: restart it from there
+        self.pipeline.load_state_dict(state["pipeline"])
+        self._snapshot = self.pipeline.snapshot()
         self.rows_served, self.tokens_served = state["rows_served"], state["tokens_served"]
+        self.samples_by_source = list(state["samples_by_source"])
+        self.tokens_by_source = list(state["tokens_by_source"])
 
 
 def eval_batches(

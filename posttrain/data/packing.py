@@ -19,8 +19,10 @@ data, so it goes into checkpoints and a resumed run packs exactly the same rows.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from posttrain.data.samples import IGNORE, Sample
@@ -29,52 +31,77 @@ Row = list[Sample]
 
 
 class BestFitPacker:
-    """Streaming best-fit packing into rows of a fixed token budget."""
+    """Streaming best-fit packing into rows of a fixed token budget.
+
+    Open rows are indexed by (free tokens, opening order) in a sorted list, so finding the row with
+    the least free space that still fits a sample is a binary search, however many rows are open.
+    Ties go to the row opened first.
+    """
 
     def __init__(self, max_tokens_per_pack: int, max_open_rows: int = 16):
         self.capacity = max_tokens_per_pack
         self.max_open_rows = max_open_rows
-        self.open_rows: list[Row] = []
-        self._free: list[int] = []  # free tokens per open row, parallel to open_rows
+        self._rows: dict[int, Row] = {}  # opening number -> row
+        self._keys: list[tuple[int, int]] = []  # sorted (free tokens, opening number)
+        self._opened = 0
+
+    @property
+    def open_rows(self) -> list[Row]:
+        """The open rows in the order they were opened."""
+        return [self._rows[k] for k in sorted(self._rows)]
 
     def add(self, sample: Sample) -> list[Row]:
         """Place one sample; returns the rows that became final (possibly none)."""
         n = len(sample.input_ids)
         if n > self.capacity:
             raise ValueError(f"sample of {n} tokens exceeds max_tokens_per_pack={self.capacity}")
-        best = -1
-        for i, free in enumerate(self._free):
-            if free >= n and (best < 0 or free < self._free[best]):
-                best = i
-        if best >= 0:
-            self.open_rows[best].append(sample)
-            self._free[best] -= n
-            if self._free[best] == 0:
-                return [self._pop(best)]
+        keys = self._keys
+        i = bisect.bisect_left(keys, (n, -1))  # the row with the least free space >= n
+        if i < len(keys):
+            free, k = keys.pop(i)
+            row = self._rows[k]
+            row.append(sample)
+            if free == n:
+                del self._rows[k]
+                return [row]
+            bisect.insort(keys, (free - n, k))
             return []
-        self.open_rows.append([sample])
-        self._free.append(self.capacity - n)
-        if len(self.open_rows) > self.max_open_rows:
-            fullest = min(range(len(self._free) - 1), key=lambda i: self._free[i])
-            return [self._pop(fullest)]
+        k = self._opened
+        self._opened += 1
+        self._rows[k] = [sample]
+        bisect.insort(keys, (self.capacity - n, k))
+        if len(self._rows) > self.max_open_rows:  # emit the fullest row other than the one just opened
+            j = 0 if keys[0][1] != k else 1
+            _, fullest = keys.pop(j)
+            return [self._rows.pop(fullest)]
         return []
 
     def flush(self) -> list[Row]:
         """Emit every open row (end of a finite stream)."""
-        rows, self.open_rows, self._free = self.open_rows, [], []
+        rows = self.open_rows
+        self._rows, self._keys = {}, []
         return rows
-
-    def _pop(self, i: int) -> Row:
-        self._free.pop(i)
-        return self.open_rows.pop(i)
 
     # The state is the open rows themselves; samples are small lists of ints.
     def state_dict(self) -> dict:
-        return {"open_rows": [[(s.input_ids, s.labels) for s in row] for row in self.open_rows]}
+        return {"open_rows": rows_to_state(self.open_rows)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.open_rows = [[Sample(list(i), list(y)) for i, y in row] for row in state["open_rows"]]
-        self._free = [self.capacity - sum(len(s.input_ids) for s in row) for row in self.open_rows]
+        rows = rows_from_state(state["open_rows"])
+        self._rows = dict(enumerate(rows))
+        self._keys = sorted(
+            (self.capacity - sum(len(s.input_ids) for s in row), k) for k, row in self._rows.items()
+        )
+        self._opened = len(rows)
+
+
+def rows_to_state(rows: Sequence[Row]) -> list:
+    """Rows as plain data for a checkpoint: [[(input_ids, labels, source), ...], ...]."""
+    return [[(s.input_ids, s.labels, s.source) for s in row] for row in rows]
+
+
+def rows_from_state(state: list) -> list[Row]:
+    return [[Sample(list(s[0]), list(s[1]), *s[2:]) for s in row] for row in state]
 
 
 def fill_rate(rows: Sequence[Row], row_len: int) -> float:
@@ -84,32 +111,48 @@ def fill_rate(rows: Sequence[Row], row_len: int) -> float:
 
 
 def collate(rows: Sequence[Row], pad_id: int, row_len: int | None = None) -> dict[str, torch.Tensor]:
-    """Rows of whole documents -> padded tensors (see the module docstring for the layout)."""
+    """Rows of whole documents -> padded tensors (see the module docstring for the layout).
+
+    Built from one flat list per field and a single array conversion each (building a tensor per
+    document was the pipeline's bottleneck), then copied row by row into [B, T].
+    """
     lengths = [sum(len(s.input_ids) for s in row) for row in rows]
     T = row_len if row_len is not None else max(lengths)
     B = len(rows)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    targets = torch.full((B, T), IGNORE, dtype=torch.long)
-    position_ids = torch.zeros((B, T), dtype=torch.long)
-    doc_ids = torch.full((B, T), -1, dtype=torch.long)
+    ids: list[int] = []
+    tgt: list[int] = []
     doc_lens: list[int] = []
-    for b, row in enumerate(rows):
-        start = 0
+    doc_in_row: list[int] = []
+    for row in rows:
         for d, sample in enumerate(row):
-            n = len(sample.input_ids)
-            end = start + n
-            input_ids[b, start:end] = torch.tensor(sample.input_ids)
+            ids += sample.input_ids
             # Next-token targets within the document; the last position predicts nothing.
-            targets[b, start : end - 1] = torch.tensor(sample.labels[1:])
-            position_ids[b, start:end] = torch.arange(n)
-            doc_ids[b, start:end] = d
-            doc_lens.append(n)
-            start = end
+            tgt += sample.labels[1:]
+            tgt.append(IGNORE)
+            doc_lens.append(len(sample.input_ids))
+            doc_in_row.append(d)
+    lens = np.asarray(doc_lens, dtype=np.int64)
+    starts = np.cumsum(lens) - lens  # flat start of every document
+    flat = {
+        "input_ids": np.asarray(ids, dtype=np.int64),
+        "targets": np.asarray(tgt, dtype=np.int64),
+        "position_ids": np.arange(len(ids), dtype=np.int64) - np.repeat(starts, lens),
+        "doc_ids": np.repeat(np.asarray(doc_in_row, dtype=np.int64), lens),
+    }
+    fills = {"input_ids": pad_id, "targets": IGNORE, "position_ids": 0, "doc_ids": -1}
+    out = {k: np.full((B, T), fills[k], dtype=np.int64) for k in flat}
+    offset = 0
+    for b, n in enumerate(lengths):  # each row's documents are contiguous from position 0
+        for k, values in flat.items():
+            out[k][b, :n] = values[offset : offset + n]
+        offset += n
+    input_ids, targets, position_ids, doc_ids = (torch.from_numpy(out[k]) for k in flat)
+    lens_t = torch.from_numpy(lens)
     batch = {
         "input_ids": input_ids,
         "targets": targets,
         "position_ids": position_ids,
-        "doc_lens": torch.tensor(doc_lens, dtype=torch.long),
+        "doc_lens": lens_t,
     }
     if max(len(row) for row in rows) > 1:
         batch["doc_ids"] = doc_ids

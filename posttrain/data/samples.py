@@ -1,24 +1,25 @@
-"""Reading JSONL sources into tokenised samples, with errors that name `file:line`.
+"""Tokenised samples, the overlong policy, and reading a whole (small) source into a list.
 
-A sample is a `Sample(input_ids, labels)`: aligned lists, `labels[i] == input_ids[i]` where the
-token bears loss and -100 where it does not (the shift to next-token targets happens at collation,
-per document, so packing never lets one document predict the next).
+A sample is a `Sample(input_ids, labels, source)`: aligned lists, `labels[i] == input_ids[i]` where
+the token bears loss and -100 where it does not (the shift to next-token targets happens at
+collation, per document, so packing never lets one document predict the next); `source` is the
+index of the `data.train` source it came from (for per-source metrics).
 
-Bad input follows the source's `on_error` policy: `raise` fails on the first bad line with
-`path:line: reason`; `skip` drops it and counts it per reason in `SkipCounter`, which ends up in
-`summary.json`. Samples longer than a row follow `data.overlong` (truncate, drop, or split), also
-counted. Nothing is lost silently.
+Bad input follows the source's `on_error` policy: `raise` fails on the first bad record with
+`path:line: reason`; `skip` drops it and counts it per reason, which ends up in `summary.json`.
+Samples longer than a row follow `data.overlong` (truncate, drop, or split), also counted. Nothing
+is lost silently. Training streams sources (posttrain/data/pipeline.py); `load_samples` is for
+small finite sets: evaluation, `data inspect`, tests.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from posttrain.config import SourceConfig
+from posttrain.data.schemas import renderer
+from posttrain.data.sources import SourceStream
 from posttrain.data.tokenizer import Tokenizer
 from posttrain.errors import DataError
 
@@ -29,6 +30,7 @@ IGNORE = -100
 class Sample:
     input_ids: list[int]
     labels: list[int]
+    source: int = 0  # index of the data.train source it came from
 
     @property
     def num_loss_tokens(self) -> int:
@@ -38,57 +40,6 @@ class Sample:
 
 class SkipCounter(Counter):
     """Counts of dropped or altered samples, keyed by `reason` (e.g. `malformed_json`)."""
-
-
-def _parse_line(raw: bytes) -> dict:
-    """One JSONL line -> object; DataError(reason message, reason key) when it is not one."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"invalid UTF-8 ({err.reason} at byte {err.start})", "invalid_utf8") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"malformed JSON: {err.msg} (column {err.colno})", "malformed_json") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"expected a JSON object, got {type(obj).__name__}", "not_an_object")
-    return obj
-
-
-def iter_records(path: Path) -> Iterator[tuple[int, dict | DataError]]:
-    """Yield (line number, object or the DataError that line raised) for each non-blank line."""
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield lineno, _parse_line(raw)
-            except DataError as err:
-                yield lineno, err
-
-
-def _field(obj: dict, name: str, kind: type) -> object:
-    if name not in obj:
-        raise DataError(f"missing field '{name}'", "missing_field")
-    value = obj[name]
-    if not isinstance(value, kind):
-        raise DataError(f"field '{name}' must be {kind.__name__}, got {type(value).__name__}", "wrong_type")
-    return value
-
-
-def renderer(fmt: str, tokenizer: Tokenizer, mask: str) -> Callable[[dict], Sample]:
-    """The function that turns one JSON object of a source format into a Sample."""
-    if fmt == "chat":
-        return lambda obj: Sample(*tokenizer.render_chat(_field(obj, "messages", list), mask=mask))
-    if fmt == "prompt_completion":
-        return lambda obj: Sample(
-            *tokenizer.render_prompt_completion(_field(obj, "prompt", str), _field(obj, "completion", str))
-        )
-    if fmt == "text":
-        return lambda obj: Sample(*tokenizer.render_text(_field(obj, "text", str)))
-    raise DataError(f"unknown data format {fmt!r}")
 
 
 def fit_length(sample: Sample, max_len: int, policy: str, skips: SkipCounter) -> list[Sample]:
@@ -102,11 +53,11 @@ def fit_length(sample: Sample, max_len: int, policy: str, skips: SkipCounter) ->
     if policy == "split":
         skips["overlong_split"] += 1
         parts = [
-            Sample(sample.input_ids[i : i + max_len], sample.labels[i : i + max_len])
+            Sample(sample.input_ids[i : i + max_len], sample.labels[i : i + max_len], sample.source)
             for i in range(0, n, max_len)
         ]
         return [p for p in parts if p.num_loss_tokens > 0 and len(p.input_ids) > 1]
-    cut = Sample(sample.input_ids[:max_len], sample.labels[:max_len])
+    cut = Sample(sample.input_ids[:max_len], sample.labels[:max_len], sample.source)
     if cut.num_loss_tokens == 0:  # the loss-bearing part was cut away entirely
         skips["overlong_no_loss_left"] += 1
         return []
@@ -117,24 +68,30 @@ def fit_length(sample: Sample, max_len: int, policy: str, skips: SkipCounter) ->
 def load_samples(
     source: SourceConfig, tokenizer: Tokenizer, *, max_len: int, overlong: str, mask: str = "all_assistant"
 ) -> tuple[list[Sample], SkipCounter]:
-    """Read, validate and tokenise a whole source (issue 4 replaces this with a streaming reader)."""
-    path = Path(source.path)
+    """Every sample of one pass over `source`, in file order (for small sets: eval, inspect, tests)."""
+    stream = SourceStream(source, epochs=1)
     render = renderer(source.format, tokenizer, mask)
-    skips = SkipCounter()
     out: list[Sample] = []
-    for lineno, record in iter_records(path):
+    while (item := stream.next_record()) is not None:
+        out.extend(render_record(stream, item, render, max_len, overlong))
         if source.max_samples is not None and len(out) >= source.max_samples:
             break
-        try:
-            if isinstance(record, DataError):
-                raise record
-            sample = render(record)
-        except DataError as err:
-            if source.on_error == "raise":
-                raise DataError(f"{path}:{lineno}: {err}", err.reason) from None
-            skips[err.reason] += 1
-            continue
-        out.extend(fit_length(sample, max_len, overlong, skips))
-    if not out:
-        raise DataError(f"{path}: no usable samples (skipped: {dict(skips) or 'none'})")
-    return out, skips
+    return out[: source.max_samples] if source.max_samples is not None else out, SkipCounter(stream.skips)
+
+
+def render_record(stream, item, render, max_len: int, overlong: str) -> list[Sample]:
+    """One (location, record) of `stream` -> samples, applying its on_error and the overlong policy."""
+    loc, record = item
+    try:
+        if isinstance(record, DataError):
+            raise record
+        sample = Sample(*render(record), stream.index)
+    except DataError as err:
+        if stream.cfg.on_error == "raise":
+            raise DataError(f"{loc}: {err}", err.reason) from None
+        stream.count_skip(err.reason)
+        return []
+    kept = fit_length(sample, max_len, overlong, stream.skips if stream.epoch == 0 else SkipCounter())
+    if kept:
+        stream.count_good()
+    return kept

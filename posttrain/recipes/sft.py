@@ -11,15 +11,13 @@ from pathlib import Path
 
 from posttrain.config import JobConfig, dump_job, gradient_accumulation_steps
 from posttrain.data.samples import load_samples
-from posttrain.data.tokenizer import Tokenizer
 from posttrain.errors import ConfigError
 from posttrain.metrics.mfu import peak_flops
+from posttrain.models.build import build_model_for, export_hf, flops_fn_for
 from posttrain.train.setup import (
     Timer,
-    build_model_for,
+    build_tokenizer,
     evaluate_loss,
-    export_hf,
-    flops_fn_for,
     lm_loss_fn,
     make_loader,
     seed_everything,
@@ -28,13 +26,15 @@ from posttrain.train.setup import (
 )
 from posttrain.train.trainer import Trainer
 
-FORMATS = ("chat", "prompt_completion")
+FORMATS = ("chat", "prompt_completion", "tokens")
 
 
 def train(cfg: JobConfig, formats: tuple[str, ...] = FORMATS) -> dict:
     """Run the job; returns the summary that is also written to OUTPUT/summary.json."""
     timer = Timer()
-    for key, source in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+    sources = cfg.data.train_sources
+    named = [(f"data.train[{i}]" if len(sources) > 1 else "data.train", s) for i, s in enumerate(sources)]
+    for key, source in (*named, ("data.eval", cfg.data.eval)):
         if source is not None and source.format not in formats:
             raise ConfigError(
                 f"{key}.format={source.format!r}: recipe {cfg.recipe!r} takes {' or '.join(formats)}"
@@ -45,23 +45,30 @@ def train(cfg: JobConfig, formats: tuple[str, ...] = FORMATS) -> dict:
     (out / "config.yaml").write_text(config_yaml)
     seed_everything(cfg.seed)
 
-    # 1. Tokenizer and data.
-    tokenizer = Tokenizer.from_dir(cfg.tokenizer.path, cfg.tokenizer.extra_special_tokens)
+    # 1. Tokenizer and data: training sources stream (mixed, sharded, packed in the background);
+    #    the eval set is small and read once.
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    loader = make_loader(cfg.data, cfg.training, tokenizer, cfg.seed)
     read = dict(
         tokenizer=tokenizer,
         max_len=cfg.data.max_tokens_per_pack,
         overlong=cfg.data.overlong,
         mask=cfg.data.mask,
     )
-    train_samples, train_skips = load_samples(cfg.data.train, **read)
     eval_samples, eval_skips = load_samples(cfg.data.eval, **read) if cfg.data.eval else ([], {})
 
     # 2. Model and loss.
-    model, model_cfg = build_model_for(cfg.model, tokenizer, cfg.seed)
-    loss_fn = lm_loss_fn(cfg.training.loss_chunk_size_tokens, num_real_vocab=tokenizer.vocab_size)
+    built = build_model_for(cfg.model, tokenizer, cfg.seed)
+    model = built.module
+    for note in built.notes:
+        print(f"[model] {note}")
+    loss_fn = lm_loss_fn(
+        cfg.training.loss_chunk_size_tokens,
+        num_real_vocab=tokenizer.vocab_size,
+        moe_aux_coef=getattr(built.config, "router_aux_loss_coef", 0.0),  # MoE families only
+    )
 
-    # 3. Loader and trainer.
-    loader = make_loader(cfg.data, cfg.training, train_samples, tokenizer.pad_id, cfg.seed)
+    # 3. Trainer.
     total_steps = total_steps_for(cfg.training, loader)
     device = next(model.parameters()).device
     trainer = Trainer(
@@ -74,7 +81,7 @@ def train(cfg: JobConfig, formats: tuple[str, ...] = FORMATS) -> dict:
         grad_accum_steps=gradient_accumulation_steps(cfg.training),
         output_dir=out,
         config_yaml=config_yaml,
-        flops_fn=flops_fn_for(model_cfg),
+        flops_fn=flops_fn_for(built),
         peak_flops_per_s=peak_flops(cfg.metrics.peak_flops_per_s, device),
         progress=cfg.metrics.progress,
     )
@@ -86,16 +93,20 @@ def train(cfg: JobConfig, formats: tuple[str, ...] = FORMATS) -> dict:
 
     # 4. Train, export, summarise.
     final = trainer.fit(loader, evaluate)
-    hf_dir = export_hf(model, model_cfg, tokenizer, out / "hf") if cfg.training.export_hf else None
+    loader.close()
+    hf_dir = export_hf(built, tokenizer, out / "hf") if cfg.training.export_hf else None
     summary = {
         "recipe": cfg.recipe,
         "status": "finished",
         "steps": trainer.state.step,
         "final": final,
-        "skipped_samples": {"train": dict(train_skips), "eval": dict(eval_skips)},
+        "skipped_samples": {"train": loader.skips(), "eval": dict(eval_skips)},
         "nonfinite_steps": trainer.state.nonfinite_steps,
-        "num_train_samples": len(train_samples),
+        "num_train_samples": sum(loader.samples_by_source),  # samples consumed (with repeats)
+        "data_sources": loader.summary(),  # per source: samples, tokens, skips by reason
         "num_params": sum(p.numel() for p in model.parameters()),
+        "num_trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "model_notes": built.notes,
         "tokens_seen": trainer.state.tokens_seen,
         "fill_rate": loader.fill_rate,
         "wall_time_s": timer.elapsed_s,

@@ -6,22 +6,24 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from posttrain.config import DataConfig, ModelConfig, TrainingConfig, gradient_accumulation_steps
+from posttrain.config import DataConfig, TokenizerConfig, TrainingConfig, gradient_accumulation_steps
 from posttrain.data.loader import TrainLoader, eval_batches
+from posttrain.data.pipeline import build_pipeline
 from posttrain.data.samples import Sample
 from posttrain.data.tokenizer import Tokenizer
-from posttrain.errors import ConfigError, ModelError
-from posttrain.models.flops import train_flops
-from posttrain.models.hf_io import build_model, load_pretrained, save_pretrained
+from posttrain.errors import ConfigError
 from posttrain.train.losses import chunked_cross_entropy
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
+    """The HF tokenizer at tokenizer.path plus the configured special and semantic-ID tokens."""
+    sids = [f"<sid_{i}>" for i in range(cfg.semantic_id_tokens)]
+    return Tokenizer.from_dir(cfg.path, [*cfg.extra_special_tokens, *sids])
 
 
 def seed_everything(seed: int) -> None:
@@ -30,29 +32,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model_for(cfg: ModelConfig, tokenizer: Tokenizer, seed: int) -> tuple[torch.nn.Module, object]:
-    """Load `model.path`, or build `model.arch` from scratch with the tokenizer's padded vocab."""
-    dtype = DTYPES[cfg.dtype]
-    if cfg.path is not None:
-        model, mcfg = load_pretrained(cfg.path, dtype=dtype)
-        if mcfg.vocab_size < tokenizer.vocab_size:
-            raise ModelError(
-                f"model.path {cfg.path}: vocab_size {mcfg.vocab_size} is smaller than the tokenizer's "
-                f"{tokenizer.vocab_size} tokens"
-            )
-        return model, mcfg
-    torch.manual_seed(seed)
-    fields = {k: v for k, v in cfg.arch.model_dump().items() if v is not None}
-    model, mcfg = build_model(cfg.family, {"vocab_size": tokenizer.padded_vocab_size(), **fields})
-    model.init_weights(cfg.init_std)
-    return model.to(dtype), mcfg
-
-
 def total_steps_for(training: TrainingConfig, loader: TrainLoader) -> int:
     """max_steps as given, or the optimizer steps that num_epochs of packed rows make."""
     if training.max_steps is not None:
         return training.max_steps
-    rows = loader.count_rows(training.num_epochs)
+    rows = loader.count_rows()
     steps = rows // training.global_batch_size
     if steps == 0:
         raise ConfigError(
@@ -63,37 +47,55 @@ def total_steps_for(training: TrainingConfig, loader: TrainLoader) -> int:
 
 
 def make_loader(
-    data: DataConfig, training: TrainingConfig, samples: list[Sample], pad_id: int, seed: int
+    data: DataConfig,
+    training: TrainingConfig,
+    tokenizer: Tokenizer,
+    seed: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> TrainLoader:
-    gradient_accumulation_steps(training)  # fail early with the arithmetic
+    """The streaming loader of data.train for one data-parallel rank (its disjoint shard)."""
+    accum = gradient_accumulation_steps(training, world_size)  # fail early with the arithmetic
+    build = lambda: build_pipeline(  # noqa: E731 -- a fresh pipeline (count_rows dry-runs one)
+        data,
+        tokenizer,
+        seed=seed,
+        shard=rank,
+        num_shards=world_size,
+        rows_per_step=accum * training.micro_batch_size_per_device,
+        default_epochs=training.num_epochs,
+    )
     return TrainLoader(
-        samples,
+        build,
         row_len=data.max_tokens_per_pack,
         micro_batch_size=training.micro_batch_size_per_device,
-        pad_id=pad_id,
+        pad_id=tokenizer.pad_id,
         packing=data.packing,
-        open_rows=data.pack_open_rows,
-        shuffle=data.shuffle,
-        seed=seed,
+        prefetch_rows=data.prefetch_rows,
     )
 
 
-def lm_loss_fn(chunk_size: int, num_real_vocab: int):
-    """Next-token loss over a packed batch: sum of token losses (the trainer normalises)."""
+def lm_loss_fn(chunk_size: int, num_real_vocab: int, moe_aux_coef: float = 0.0):
+    """Next-token loss over a packed batch: sum of token losses (the trainer normalises).
+
+    MoE models (those with `aux_loss()`) add moe_aux_coef * load-balancing loss in training, weighted by
+    the micro-batch's loss tokens so the step's value is a token-weighted mean like the LM loss; the
+    metrics then split `lm_loss` and `moe_aux_loss` out of the total `loss`.
+    """
 
     def loss_fn(model, batch):
         h = model(batch["input_ids"], batch["position_ids"], batch.get("doc_ids"))
-        loss, _ = chunked_cross_entropy(
+        loss, num_tokens = chunked_cross_entropy(
             h, model.output_weight(), batch["targets"], chunk_size=chunk_size, num_real_vocab=num_real_vocab
         )
-        return loss, {}
+        aux = model.aux_loss() if model.training and hasattr(model, "aux_loss") else None
+        if aux is None or moe_aux_coef == 0.0:
+            return loss, {}
+        metrics = {"lm_loss": loss.detach(), "moe_aux_loss": aux.detach() * num_tokens}
+        return loss + moe_aux_coef * aux * num_tokens, metrics
 
     return loss_fn
-
-
-def flops_fn_for(model_cfg) -> Callable[[list[int], int], float]:
-    """FLOPs of a step: the LM head runs only on loss tokens (the chunked loss drops the rest)."""
-    return lambda doc_lens, num_loss_tokens: float(train_flops(model_cfg, doc_lens, num_loss_tokens))
 
 
 @torch.no_grad()
@@ -116,24 +118,6 @@ def evaluate_loss(
         tokens += int((batch["targets"] != -100).sum())
     model.train(was_training)
     return {"eval_loss": total / max(tokens, 1), "eval_tokens": tokens}
-
-
-def export_hf(model, model_cfg, tokenizer: Tokenizer, out_dir: Path) -> Path:
-    """OUTPUT/hf: weights, config.json, generation_config.json and the tokenizer files."""
-    ids = {
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.end_of_turn_id,
-        "pad_token_id": tokenizer.pad_id,
-    }
-    gen = {
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": sorted({tokenizer.end_of_turn_id, tokenizer.eos_id}),
-        "pad_token_id": tokenizer.pad_id,
-        "do_sample": False,
-    }
-    save_pretrained(model, model_cfg, out_dir, token_ids=ids, generation_config=gen)
-    tokenizer.save(out_dir)
-    return out_dir
 
 
 def write_summary(out_dir: Path, summary: dict) -> Path:

@@ -157,6 +157,7 @@ class Trainer:
                 micro = [loader.next_micro_batch() for _ in range(self.grad_accum_steps)]
                 metrics = self.train_step(micro)
                 metrics["fill_rate"] = loader.fill_rate
+                metrics.update(getattr(loader, "step_metrics", dict)())  # per-source counts, data wait
                 step = self.state.step
                 if evaluate and self.training.eval_every_steps and step % self.training.eval_every_steps == 0:
                     eval_metrics = evaluate()
