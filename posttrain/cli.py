@@ -7,6 +7,7 @@ Each verb imports what it needs when it runs, so `posttrain --help` is instant. 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from posttrain.errors import PosttrainError
@@ -22,13 +23,22 @@ def _run(args) -> int:
     import importlib
 
     from posttrain.config import load_job
+    from posttrain.launch import restart_count
 
     overrides = list(args.overrides)
-    if args.resume:
+    if args.resume or restart_count() > 0:  # a restarted worker continues from the latest checkpoint
         overrides.append("training.resume=true")
-    cfg = load_job(args.config, overrides)
+    cfg = load_job(args.config, overrides)  # validated here, before any worker starts
+    if args.nproc > 1 or args.launcher == "ray":
+        from posttrain.models.build import head_counts
+        from posttrain.parallel.world import plan_layout
+
+        plan_layout(cfg.parallelism, args.nproc, **head_counts(cfg.model))  # before any worker starts
+        return _launch(args, overrides)
     recipe = importlib.import_module(RECIPES[cfg.recipe])
     summary = recipe.train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     final = summary.get("final", {})
     print(
         f"done: {summary['steps']} steps, loss {final.get('loss', float('nan')):.4f}"
@@ -36,6 +46,18 @@ def _run(args) -> int:
         + f", {summary['wall_time_s']:.1f}s -> {cfg.output_dir}"
     )
     return 0
+
+
+def _launch(args, overrides: list[str]) -> int:
+    if args.launcher == "ray":
+        from posttrain.launch_ray import launch_ray
+
+        return launch_ray(
+            args.config, overrides, args.nproc, max_restarts=args.max_restarts, address=args.ray_address
+        )
+    from posttrain.launch import launch_local
+
+    return launch_local(args.config, overrides, args.nproc, max_restarts=args.max_restarts)
 
 
 def _demo(args) -> int:
@@ -63,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=20")
     run.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
+    )
+    run.add_argument("--nproc", type=int, default=1, help="SPMD worker processes (one per device)")
+    run.add_argument(
+        "--launcher",
+        choices=("local", "ray"),
+        default="local",
+        help="local: torch's elastic agent on this machine; ray: Ray actors in a placement group",
+    )
+    run.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="restart all workers from the last checkpoint after a failure",
+    )
+    run.add_argument(
+        "--ray-address", default=None, help="an existing Ray cluster (default: start a local Ray)"
     )
     run.set_defaults(fn=_run)
 

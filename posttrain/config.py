@@ -1,7 +1,7 @@
 """Typed job configs: YAML files validated into one small config per component.
 
 A job file names a `recipe` and an `output_dir`, then one section per component (`model`,
-`tokenizer`, `data`, `optim`, `schedule`, `training`, `metrics`). Each component receives only its
+`tokenizer`, `data`, `optim`, `schedule`, `training`, `metrics`, `parallelism`). Each component receives only its
 own section. Validation happens in full before anything starts:
 
 * an unknown key fails with its dotted path and the closest valid key;
@@ -161,6 +161,12 @@ class DataConfig(Section):
     shuffle_window_samples: int = 1024  # records shuffled together; memory grows with it
     prefetch_rows: int = 64  # rows packed ahead in a background thread (0 = pack in the loop's thread)
     weight_schedule: list[WeightPoint] = []  # weights over steps (empty = each source's `weight`)
+    # How data-parallel ranks split the stream. rows: every rank runs the same pipeline and keeps its
+    # slice of each step's rows, so batches (and the data state) do not depend on the world size: a run
+    # resumes on any number of ranks and matches a single-process run. samples: each rank reads a
+    # disjoint share of the records (no duplicated reading/tokenising: for large data), at the cost of
+    # batches that depend on the world size and a data state that resumes only on the same world size.
+    shard_by: Literal["rows", "samples"] = "rows"
 
     @property
     def train_sources(self) -> list[SourceConfig]:
@@ -248,6 +254,23 @@ class MetricsConfig(Section):
     progress: Literal["auto", "bar", "plain", "quiet"] = "auto"  # auto = bar on a TTY, lines otherwise
 
 
+class ParallelismConfig(Section):
+    """How the job spreads over devices: a mesh of (dp_replicate, dp_shard, tp) whose product is the
+    world size. FSDP2 shards parameters, gradients and optimizer state over dp_shard (HSDP when
+    dp_replicate > 1); tp splits attention heads and MLP columns inside each layer."""
+
+    dp_replicate: int = 1  # data-parallel replicas (each holding a full FSDP group)
+    dp_shard: int = -1  # FSDP shard degree; -1 = whatever the world size leaves
+    tp: int = 1  # tensor-parallel degree (divides attention and key/value heads)
+    # recompute block activations in backward: none, full (every block), selective (every n-th block)
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    ac_every_n_layers: int = 2  # selective: checkpoint blocks 0, n, 2n, ...
+    compile: bool = False  # torch.compile each block (needs a C++ compiler on CPU)
+    # compute dtype of FSDP-gathered parameters; gradients are reduced and kept in fp32
+    mixed_precision: Literal["float32", "bfloat16"] = "float32"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPUs, gloo on CPU
+
+
 class JobConfig(Section):
     """A whole job: which recipe, where it writes, and each component's section."""
 
@@ -261,6 +284,7 @@ class JobConfig(Section):
     schedule: ScheduleConfig = ScheduleConfig()
     training: TrainingConfig
     metrics: MetricsConfig = MetricsConfig()
+    parallelism: ParallelismConfig = ParallelismConfig()
 
 
 def gradient_accumulation_steps(training: TrainingConfig, world_size: int = 1) -> int:

@@ -10,6 +10,13 @@ The checkpointed state always describes what the *training loop consumed*, not w
 prefetched: each queued row carries the pipeline snapshot taken right after it was produced, and the
 loader keeps the snapshot of the last row it handed out. A resumed run therefore continues with
 exactly the batch the uninterrupted run would have seen next, with or without the background thread.
+
+Data parallelism, `data.shard_by: rows` (the default): every data-parallel rank runs the same pipeline,
+reads each optimizer step's rows (all ranks' rows) and keeps its own contiguous slice of them. The rows
+of a step, and the loader's state, are then the same whatever the number of ranks: a distributed run
+trains on exactly the single-process batches, and a checkpoint resumes on any world size. The price is
+that every rank reads and tokenises all records (`shard_by: samples` splits the records instead; its
+pipeline is built per shard and its state is per rank).
 """
 
 from __future__ import annotations
@@ -88,7 +95,18 @@ class TrainLoader:
         pad_id: int,
         packing: bool = True,
         prefetch_rows: int = 0,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        rows_per_step: int | None = None,
+        state_is_per_rank: bool = False,
     ):
+        """dp_size > 1 with rows_per_step (all ranks' rows of one optimizer step): row sharding, see
+        the module docstring. state_is_per_rank marks a pipeline that is itself one rank's shard."""
+        if dp_size > 1 and (rows_per_step is None or rows_per_step % dp_size):
+            raise ValueError(f"rows_per_step={rows_per_step} must be a multiple of dp_size={dp_size}")
+        self.dp_rank, self.dp_size, self.rows_per_step = dp_rank, dp_size, rows_per_step
+        self.state_is_per_rank = state_is_per_rank
+        self._mine: list[Row] = []  # this rank's rows of the current step, not yet batched
         self.build = build
         self.row_len, self.micro_batch_size, self.pad_id = row_len, micro_batch_size, pad_id
         self.packing, self.prefetch_rows = packing, prefetch_rows
@@ -134,6 +152,13 @@ class TrainLoader:
         return rows
 
     def next_micro_batch(self) -> dict[str, torch.Tensor]:
+        if self.dp_size > 1 and self.rows_per_step is not None:
+            if not self._mine:  # a new step: read every rank's rows, keep this rank's slice
+                step_rows = self.next_rows(self.rows_per_step)
+                per = self.rows_per_step // self.dp_size
+                self._mine = step_rows[self.dp_rank * per : (self.dp_rank + 1) * per]
+            rows, self._mine = self._mine[: self.micro_batch_size], self._mine[self.micro_batch_size :]
+            return collate(rows, self.pad_id, self.row_len if self.packing else None)
         rows = self.next_rows(self.micro_batch_size)
         return collate(rows, self.pad_id, self.row_len if self.packing else None)
 
@@ -183,6 +208,8 @@ class TrainLoader:
             self._producer = None
 
     def state_dict(self) -> dict:
+        if self._mine:
+            raise RuntimeError("loader state taken in the middle of an optimizer step (rows still pending)")
         return {
             "pipeline": Pipeline.materialise(self._current()),
             "rows_served": self.rows_served,
@@ -193,6 +220,7 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.close()  # the producer ran ahead of the checkpoint: restart it from there
+        self._mine = []
         self.pipeline.load_state_dict(state["pipeline"])
         self._snapshot = self.pipeline.snapshot()
         self.rows_served, self.tokens_served = state["rows_served"], state["tokens_served"]

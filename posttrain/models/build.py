@@ -5,7 +5,11 @@ config, and what export needs to know (backend, the vocabulary size config.json 
 LoRA adapters exist). The order is fixed and visible here:
 
     load (model.path) or build (model.arch)  ->  fit the vocabulary to the tokenizer (padded to 64)
-    ->  LoRA adapters  ->  train-only-new-rows freezing
+    ->  LoRA adapters  ->  train-only-new-rows freezing  ->  parallelism (TP, AC, compile, FSDP2)
+
+Under data/tensor parallelism every rank builds the same single-device model (same seed, same init),
+then `posttrain.parallel.parallelize` shards it; a weightless (meta-device) twin of the unsharded model
+is kept so that export can gather the full state on rank 0 and write it with the single-process code.
 
 `export_hf` writes OUTPUT/hf (full weights, LoRA merged, vocabulary trimmed to the export size so that
 config.json and the tokenizer agree) and, with LoRA, OUTPUT/adapter (a PEFT adapter directory).
@@ -13,6 +17,7 @@ config.json and the tokenizer agree) and, with LoRA, OUTPUT/adapter (a PEFT adap
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import tempfile
@@ -26,6 +31,7 @@ from torch import nn
 
 from posttrain.config import ModelConfig
 from posttrain.data.tokenizer import Tokenizer
+from posttrain.errors import ConfigError
 from posttrain.models import lora, vocab
 from posttrain.models.flops import lora_params_per_token, train_flops
 from posttrain.models.hf_io import build_model, load_pretrained, save_lora_adapter, save_pretrained
@@ -41,14 +47,93 @@ class BuiltModel:
     export_vocab_size: int  # config.json's vocab_size on export
     source_path: str | None  # model.path, recorded in the PEFT adapter config
     notes: list[str] = field(default_factory=list)  # what was done to the model, for the run summary
+    world: Any = None  # posttrain.parallel.world.World when the module is sharded over ranks
+    twin: nn.Module | None = None  # unsharded meta-device copy (distributed runs), for export
 
     @property
     def has_lora(self) -> bool:
         return bool(lora.lora_modules(self.module))
 
 
-def build_model_for(cfg: ModelConfig, tokenizer: Tokenizer, seed: int) -> BuiltModel:
-    """Load `model.path` or build `model.arch`, then apply the vocabulary, LoRA and freezing options."""
+def build_model_for(
+    cfg: ModelConfig, tokenizer: Tokenizer, seed: int, *, world: Any = None, parallelism: Any = None
+) -> BuiltModel:
+    """Load `model.path` or build `model.arch`, apply the vocabulary, LoRA and freezing options, then
+    the parallelism section (`world`, `parallelism`: posttrain.parallel; None = one process as is)."""
+    if parallelism is None or world is None:
+        return _build_single_device(cfg, tokenizer, seed)
+    from posttrain.parallel.parallelize import parallelize
+
+    if world.distributed and cfg.train_new_token_rows_only:
+        raise ConfigError(
+            "model.train_new_token_rows_only is not supported with several processes yet "
+            "(its gradient hook does not survive FSDP's parameter swap)"
+        )
+    if world.distributed and _can_load_sharded(cfg, tokenizer):
+        return _build_sharded(cfg, tokenizer, world, parallelism)
+    built = _build_single_device(cfg, tokenizer, seed)
+    if world.distributed:
+        built.twin = meta_twin(built.module)
+        built.world = world
+        if cfg.path is not None:
+            built.notes.append(
+                "every rank loaded the full checkpoint before sharding (LoRA or a vocabulary change "
+                "needs the whole model); plain fine-tuning loads straight into shards"
+            )
+    built.notes.extend(parallelize(built.module, world, parallelism, backend=built.backend))
+    return built
+
+
+def _can_load_sharded(cfg: ModelConfig, tokenizer: Tokenizer) -> bool:
+    """Straight-into-shards loading needs the checkpoint as it is: no adapters, no vocabulary change."""
+    if cfg.path is None or cfg.backend != "native" or cfg.lora is not None:
+        return False
+    checkpoint_vocab = json.loads((Path(cfg.path) / "config.json").read_text()).get("vocab_size")
+    export = vocab.export_vocab_size(tokenizer.vocab_size, checkpoint_vocab)
+    return checkpoint_vocab == vocab.padded(export)
+
+
+def _build_sharded(cfg: ModelConfig, tokenizer: Tokenizer, world: Any, parallelism: Any) -> BuiltModel:
+    """Meta-device build -> parallelize -> each rank reads only its shards from the safetensors."""
+    from posttrain.parallel.parallelize import parallelize
+    from posttrain.parallel.sharded_load import build_sharded_from_hf
+
+    notes: list[str] = []
+    twins: list[nn.Module] = []
+
+    def shard(model: nn.Module) -> None:
+        twins.append(meta_twin(model))  # on meta already: the unsharded structure, for export
+        notes.extend(parallelize(model, world, parallelism))
+
+    model, mcfg = build_sharded_from_hf(cfg.path, DTYPES[cfg.dtype], world.device, shard)
+    notes.append("weights loaded straight into each rank's shards (no rank held the full model)")
+    export = vocab.export_vocab_size(tokenizer.vocab_size, mcfg.vocab_size)
+    return BuiltModel(model, mcfg, "native", export, cfg.path, notes, world=world, twin=twins[0])
+
+
+def head_counts(cfg: ModelConfig) -> dict[str, int | None]:
+    """Attention and key/value head counts from model.arch or the checkpoint's config.json, read before
+    any weight is loaded (the parallel layout must divide them)."""
+    if cfg.arch is not None:
+        return {"num_heads": cfg.arch.num_attention_heads, "num_kv_heads": cfg.arch.num_key_value_heads}
+    config_path = Path(cfg.path) / "config.json"
+    hf = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    hf = hf.get("text_config", hf)
+    heads = hf.get("num_attention_heads")
+    return {"num_heads": heads, "num_kv_heads": hf.get("num_key_value_heads", heads)}
+
+
+def meta_twin(module: nn.Module) -> nn.Module:
+    """A structural copy of `module` whose parameters and buffers are on the meta device (no memory)."""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)
+
+
+def _build_single_device(cfg: ModelConfig, tokenizer: Tokenizer, seed: int) -> BuiltModel:
     dtype = DTYPES[cfg.dtype]
     if cfg.backend == "hf":
         return _build_hf_backend(cfg, tokenizer, seed, dtype)
@@ -59,7 +144,7 @@ def build_model_for(cfg: ModelConfig, tokenizer: Tokenizer, seed: int) -> BuiltM
         checkpoint_vocab = mcfg.vocab_size
     else:
         torch.manual_seed(seed)
-        fields = {k: v for k, v in cfg.arch.model_dump().items() if v is not None}
+        fields = _arch_fields(cfg.family, cfg.arch.model_dump())
         model, mcfg = build_model(cfg.family, {"vocab_size": tokenizer.padded_vocab_size(), **fields})
         model.init_weights(cfg.init_std)
         model = model.to(dtype)
@@ -106,12 +191,26 @@ def _build_hf_backend(cfg: ModelConfig, tokenizer: Tokenizer, seed: int, dtype: 
     path = cfg.path
     with tempfile.TemporaryDirectory() as tmp:
         if path is None:
-            native = build_model_for(cfg.model_copy(update={"backend": "native"}), tokenizer, seed)
+            native = _build_single_device(cfg.model_copy(update={"backend": "native"}), tokenizer, seed)
             path = export_hf(native, tokenizer, Path(tmp))
         checkpoint_vocab = json.loads((Path(path) / "config.json").read_text()).get("vocab_size")
         module = load_hf_backend(path, dtype, tokenizer.vocab_size)
     export_size = vocab.export_vocab_size(tokenizer.vocab_size, checkpoint_vocab)
     return BuiltModel(module, module.config, "hf", export_size, cfg.path, notes=[NOTICE])
+
+
+def _arch_fields(family: str, arch: dict[str, Any]) -> dict[str, Any]:
+    """model.arch -> the family config's fields (unset values keep the family default). GPT-OSS names
+    its MoE fields as HF does: every layer is sparse, so intermediate_size is one expert's width."""
+    fields = {k: v for k, v in arch.items() if v is not None}
+    if family == "gpt_oss":
+        if "num_experts" in fields:
+            fields["num_local_experts"] = fields.pop("num_experts")
+        if "moe_intermediate_size" in fields:
+            fields["intermediate_size"] = fields.pop("moe_intermediate_size")
+        if fields.pop("norm_topk_prob", None) is False:
+            raise ConfigError("model.arch.norm_topk_prob: gpt_oss always renormalises its top-k weights")
+    return fields
 
 
 def flops_fn_for(built: BuiltModel) -> Callable[[list[int], int], float]:
@@ -127,7 +226,31 @@ def flops_fn_for(built: BuiltModel) -> Callable[[list[int], int], float]:
     )
 
 
-def export_hf(built: BuiltModel, tokenizer: Tokenizer, out_dir: Path) -> Path:
+def export_hf(built: BuiltModel, tokenizer: Tokenizer, out_dir: Path) -> Path | None:
+    """See `_export_hf`. Distributed: every rank takes part in gathering the full state; rank 0 loads it
+    into the unsharded twin and writes the export (other ranks return None)."""
+    if built.world is None or not built.world.distributed:
+        return _export_hf(built, tokenizer, out_dir)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(
+        built.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    path = None
+    if built.world.is_main:
+        twin = built.twin.to_empty(device="cpu")
+        twin.load_state_dict(full)
+        if hasattr(twin, "rebuild_buffers"):
+            twin.rebuild_buffers()
+        plain = dataclasses.replace(built, module=twin, world=None, twin=None)
+        path = _export_hf(plain, tokenizer, out_dir)
+        built.notes[:] = plain.notes
+        built.twin = twin.to("meta")  # release the gathered copy
+    built.world.barrier()
+    return path
+
+
+def _export_hf(built: BuiltModel, tokenizer: Tokenizer, out_dir: Path) -> Path:
     """OUTPUT/hf: weights (LoRA merged, vocabulary trimmed), config.json, generation_config.json, tokenizer.
 
     With LoRA also OUTPUT/adapter, a PEFT adapter for the base model at model.path (not for adapters on

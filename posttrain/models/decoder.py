@@ -66,8 +66,13 @@ class DecoderLM(nn.Module):
         doc_ids_BT: torch.Tensor | None = None,
         *,
         return_hidden_states: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Final-normed hidden states h_BTD.
+        head_fn: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+    ) -> Any:
+        """Final-normed hidden states h_BTD, or head_fn(h_BTD, output_weight()) when given.
+
+        head_fn lets a loss use the output matrix *inside* forward: under FSDP the root's parameters
+        (embeddings, LM head) are only gathered while forward runs, so a chunked loss that reads
+        output_weight() afterwards would see a shard.
 
         position_ids_BT defaults to arange(T) per row; doc_ids_BT (int, same shape) restricts attention to
         tokens of the same document (packing). With return_hidden_states=True also return
@@ -89,6 +94,8 @@ class DecoderLM(nn.Module):
             if return_hidden_states:
                 hidden.append(x_BTD)
         h_BTD = self.norm(x_BTD)
+        if head_fn is not None:
+            return head_fn(h_BTD, self.output_weight())
         return (h_BTD, hidden) if return_hidden_states else h_BTD
 
     def embed(self, input_ids_BT: torch.Tensor) -> torch.Tensor:

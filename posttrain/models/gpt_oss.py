@@ -313,7 +313,9 @@ class SinkAttention(Attention):
         if mask_B1TT is None:
             mask_B1TT = torch.ones(T, T, dtype=torch.bool, device=x_BTD.device).tril()[None, None]
         scores_BHTT = scores_BHTT.masked_fill(~mask_B1TT, torch.finfo(scores_BHTT.dtype).min)
-        sinks_BHT1 = self.sinks.reshape(1, H, 1, 1).expand(B, H, T, 1).to(scores_BHTT.dtype)
+        # Under tensor parallel `sinks` is sharded by head (a DTensor); this rank uses its own heads'.
+        sinks_H = self.sinks.to_local() if hasattr(self.sinks, "to_local") else self.sinks
+        sinks_BHT1 = sinks_H.reshape(1, H, 1, 1).expand(B, H, T, 1).to(scores_BHTT.dtype)
         logits = torch.cat([scores_BHTT, sinks_BHT1], dim=-1)
         logits = logits - logits.max(dim=-1, keepdim=True).values  # HF's overflow guard (bf16)
         probs_BHTT = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1].to(v_BHTDh.dtype)

@@ -60,7 +60,10 @@ class HFCausalLM(nn.Module):
         input_ids_BT: torch.Tensor,
         position_ids_BT: torch.Tensor | None = None,
         doc_ids_BT: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        *,
+        head_fn: Any = None,
+    ) -> Any:
+        """Final-normed hidden states, or head_fn(h, output_weight()) (see DecoderLM.forward)."""
         B, T = input_ids_BT.shape
         if position_ids_BT is None:
             position_ids_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
@@ -70,6 +73,8 @@ class HFCausalLM(nn.Module):
             attention_mask=self._masks(doc_ids_BT, T, input_ids_BT.device),
             use_cache=False,
         )
+        if head_fn is not None:
+            return head_fn(out.last_hidden_state, self.output_weight())
         return out.last_hidden_state
 
     def output_weight(self) -> torch.Tensor:

@@ -90,17 +90,22 @@ def build_model(family: str, config_dict: dict[str, Any]) -> tuple[nn.Module, An
     return model, config
 
 
+def read_checkpoint_config(path: Path) -> tuple[Any, type[nn.Module], Callable[..., dict]]:
+    """config.json of an HF checkpoint directory -> (our config, model class, from_hf key map)."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"no config.json in {path} (expected an HF checkpoint directory)")
+    hf_config = json.loads(config_path.read_text())
+    config_cls, model_cls, from_hf, _ = _family(hf_config.get("model_type", "<missing>"), str(config_path))
+    return config_cls.from_hf_dict(hf_config), model_cls, from_hf
+
+
 def load_pretrained(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, Any]:
     """Load an HF-format checkpoint directory into our model definition. Returns (model, config)."""
     path = Path(path)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise ModelError(f"no config.json in {path} (expected an HF checkpoint directory)")
-    hf_config = json.loads(config_path.read_text())
-    config_cls, model_cls, from_hf, _ = _family(hf_config.get("model_type", "<missing>"), str(config_path))
-    config = config_cls.from_hf_dict(hf_config)
+    config, model_cls, from_hf = read_checkpoint_config(path)
 
     # Meta init allocates nothing; to_empty then allocates once, directly in the target dtype and device.
     with torch.device("meta"):

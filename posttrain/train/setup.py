@@ -32,12 +32,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def total_steps_for(training: TrainingConfig, loader: TrainLoader) -> int:
-    """max_steps as given, or the optimizer steps that num_epochs of packed rows make."""
+def total_steps_for(training: TrainingConfig, loader: TrainLoader, world=None) -> int:
+    """max_steps as given, or the optimizer steps that num_epochs of packed rows make.
+
+    With per-rank shards (data.shard_by=samples) each rank counts its own rows and the run takes the
+    smallest count, so no rank waits for a step the others never take."""
     if training.max_steps is not None:
         return training.max_steps
     rows = loader.count_rows()
-    steps = rows // training.global_batch_size
+    per_step = training.global_batch_size
+    if loader.state_is_per_rank and world is not None:
+        per_step //= world.dp_size
+    steps = rows // per_step
+    if world is not None and world.distributed:
+        steps = -int(world.max_over_ranks(-steps))
     if steps == 0:
         raise ConfigError(
             f"training.num_epochs={training.num_epochs} packs into {rows} rows, fewer than one step of "
@@ -55,15 +63,19 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
 ) -> TrainLoader:
-    """The streaming loader of data.train for one data-parallel rank (its disjoint shard)."""
+    """The streaming loader of data.train for data-parallel rank `rank` of `world_size`.
+
+    data.shard_by=rows: every rank builds the whole pipeline and keeps its slice of each step's rows;
+    samples: the pipeline itself reads only this rank's share of the records."""
     accum = gradient_accumulation_steps(training, world_size)  # fail early with the arithmetic
+    by_samples = data.shard_by == "samples" and world_size > 1
     build = lambda: build_pipeline(  # noqa: E731 -- a fresh pipeline (count_rows dry-runs one)
         data,
         tokenizer,
         seed=seed,
-        shard=rank,
-        num_shards=world_size,
-        rows_per_step=accum * training.micro_batch_size_per_device,
+        shard=rank if by_samples else 0,
+        num_shards=world_size if by_samples else 1,
+        rows_per_step=accum * training.micro_batch_size_per_device * (1 if by_samples else world_size),
         default_epochs=training.num_epochs,
     )
     return TrainLoader(
@@ -73,6 +85,10 @@ def make_loader(
         pad_id=tokenizer.pad_id,
         packing=data.packing,
         prefetch_rows=data.prefetch_rows,
+        dp_rank=0 if by_samples else rank,
+        dp_size=1 if by_samples else world_size,
+        rows_per_step=None if by_samples else training.global_batch_size,
+        state_is_per_rank=by_samples,
     )
 
 
@@ -85,9 +101,13 @@ def lm_loss_fn(chunk_size: int, num_real_vocab: int, moe_aux_coef: float = 0.0):
     """
 
     def loss_fn(model, batch):
-        h = model(batch["input_ids"], batch["position_ids"], batch.get("doc_ids"))
-        loss, num_tokens = chunked_cross_entropy(
-            h, model.output_weight(), batch["targets"], chunk_size=chunk_size, num_real_vocab=num_real_vocab
+        def head(h, w):  # runs inside forward, where FSDP has the output matrix gathered
+            return chunked_cross_entropy(
+                h, w, batch["targets"], chunk_size=chunk_size, num_real_vocab=num_real_vocab
+            )
+
+        loss, num_tokens = model(
+            batch["input_ids"], batch["position_ids"], batch.get("doc_ids"), head_fn=head
         )
         aux = model.aux_loss() if model.training and hasattr(model, "aux_loss") else None
         if aux is None or moe_aux_coef == 0.0:

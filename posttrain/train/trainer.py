@@ -11,6 +11,11 @@ default). The trainer owns everything that must never drift between recipes:
   aborts once `max_nonfinite_steps` is reached;
 * periodic full-state checkpoints and exact resume;
 * metrics per optimizer step (loss, lr, grad norm, tokens/s, MFU, peak memory) and progress.
+
+Distributed runs use the same loop. The loss units are summed over data-parallel ranks before any
+backward, and each rank's loss is scaled so that FSDP's gradient average becomes the global
+token-weighted mean: the update equals a single process training on all ranks' rows. Loss, tokens
+and FLOPs are summed over ranks for the metrics, and only rank 0 writes metrics and progress.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from posttrain.config import OptimConfig, ScheduleConfig, TrainingConfig
 from posttrain.errors import PosttrainError
 from posttrain.metrics.jsonl import JsonlTracker
 from posttrain.metrics.progress import Progress
+from posttrain.parallel.parallelize import clip_grad_norm
+from posttrain.parallel.world import World
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.optim import build_optimizer, lr_at, set_lr
 
@@ -77,6 +84,7 @@ class Trainer:
         peak_flops_per_s: float,
         progress: str = "auto",
         loss_units: Callable[[dict], int] = count_loss_tokens,
+        world: World | None = None,
     ):
         self.model, self.loss_fn, self.loss_units = model, loss_fn, loss_units
         self.training, self.optim_cfg, self.schedule = training, optim, schedule
@@ -86,6 +94,7 @@ class Trainer:
         self.progress_mode = progress
         self.optimizer = build_optimizer(model, optim)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.world = world or World()
         self.device = next(model.parameters()).device
         self.state = TrainState()
 
@@ -93,20 +102,31 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer step over `micro_batches`; returns its metrics."""
         t0 = time.perf_counter()
-        units = sum(self.loss_units(b) for b in micro_batches)
+        world = self.world
+        units = int(world.sum_over_dp([sum(self.loss_units(b) for b in micro_batches)])[0])
+        # FSDP averages gradients over the dp ranks; scaling by their number makes that average a sum.
+        scale = world.dp_size / max(units, 1)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, summed = 0.0, {}
         for batch in micro_batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             loss, metrics = self.loss_fn(self.model, batch)
-            (loss / max(units, 1)).backward()
+            (loss * scale).backward()
             loss_sum += float(loss.detach())
             for k, v in metrics.items():
                 summed[k] = summed.get(k, 0.0) + float(v)
         max_norm = self.training.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = clip_grad_norm(self.params, max_norm)
         lr = lr_at(self.state.step, self.total_steps, self.optim_cfg.lr, self.schedule)
+        doc_lens = [n for b in micro_batches for n in b["doc_lens"].tolist()]
+        local_units = sum(self.loss_units(b) for b in micro_batches)
+        names = sorted(summed)
+        totals = world.sum_over_dp(
+            [loss_sum, sum(doc_lens), self.flops_fn(doc_lens, local_units), *(summed[k] for k in names)]
+        )
+        loss_sum, tokens, flops = totals[0], int(totals[1]), totals[2]
+        summed = dict(zip(names, totals[3:]))
         loss_value = loss_sum / max(units, 1)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
@@ -116,9 +136,7 @@ class Trainer:
             self.state.nonfinite_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        dt = time.perf_counter() - t0
-        doc_lens = [n for b in micro_batches for n in b["doc_lens"].tolist()]
-        tokens = sum(doc_lens)
+        dt = world.max_over_ranks(time.perf_counter() - t0)
         self.state.tokens_seen += tokens
         self.state.wall_s += dt
         out = {
@@ -128,8 +146,8 @@ class Trainer:
             "num_loss_tokens": units,
             "num_tokens": tokens,
             "tokens_per_s": tokens / dt,
-            "mfu": self.flops_fn(doc_lens, units) / dt / self.peak_flops,
-            "peak_memory_mb": peak_memory_mb(self.device),
+            "mfu": flops / dt / (self.peak_flops * world.world_size),
+            "peak_memory_mb": world.max_over_ranks(peak_memory_mb(self.device)),
             "step_time_s": dt,
             "skipped_nonfinite": int(not finite),
             **{k: v / max(units, 1) for k, v in summed.items()},
@@ -147,10 +165,14 @@ class Trainer:
         """Train to `total_steps`, resuming first if asked; returns the final metrics."""
         ckpt_root = self.output_dir / "checkpoints"
         resumed = self.training.resume and self._resume(loader, ckpt_root)
-        tracker = JsonlTracker(
-            self.output_dir / "metrics.jsonl", resume_step=self.state.step if resumed else None
+        main = self.world.is_main
+        tracker = (
+            JsonlTracker(self.output_dir / "metrics.jsonl", resume_step=self.state.step if resumed else None)
+            if main
+            else None
         )
-        progress = Progress(self.total_steps, "train", self.progress_mode, start=self.state.step)
+        mode = self.progress_mode if main else "quiet"
+        progress = Progress(self.total_steps, "train", mode, start=self.state.step)
         eval_metrics: dict = {}
         try:
             while self.state.step < self.total_steps:
@@ -159,10 +181,11 @@ class Trainer:
                 metrics["fill_rate"] = loader.fill_rate
                 metrics.update(getattr(loader, "step_metrics", dict)())  # per-source counts, data wait
                 step = self.state.step
+                ckpt.fault_point("train_step", step)  # test hook (POSTTRAIN_FAULT), a no-op otherwise
                 if evaluate and self.training.eval_every_steps and step % self.training.eval_every_steps == 0:
                     eval_metrics = evaluate()
                     metrics.update(eval_metrics)
-                if step % self.training.log_every_steps == 0 or step == self.total_steps:
+                if tracker and (step % self.training.log_every_steps == 0 or step == self.total_steps):
                     tracker.log(metrics, step)
                 self.state.last_metrics = metrics
                 progress.update(step, loss=metrics["loss"], tok_s=round(metrics["tokens_per_s"]))
@@ -172,34 +195,57 @@ class Trainer:
                 self.training.eval_every_steps and self.state.step % self.training.eval_every_steps == 0
             ):
                 eval_metrics = evaluate()
-                tracker.log(eval_metrics, self.state.step)
+                if tracker:
+                    tracker.log(eval_metrics, self.state.step)
         finally:
             progress.close()
-            tracker.close()
+            if tracker:
+                tracker.close()
         return {**self.state.last_metrics, **eval_metrics}
 
     # ------------------------------------------------------------------------------ state
     def save(self, loader, root: Path) -> Path:
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+        """A full checkpoint (collective: every rank calls it); see posttrain/train/checkpoint.py."""
+        per_rank_data = getattr(loader, "state_is_per_rank", False)
+        trainer_state = {
             "trainer": vars(self.state).copy(),
-            "data": loader.state_dict(),
-            "rng": ckpt.rng_state(),
+            "world_size": self.world.world_size,
+            "dp_size": self.world.dp_size,
+            "data": None if per_rank_data else loader.state_dict(),
         }
+        rank_state = {"data": loader.state_dict()} if per_rank_data else {}
         return ckpt.save_checkpoint(
-            root, self.state.step, state, self.config_yaml, self.training.keep_last_checkpoints
+            root,
+            self.state.step,
+            self.model,
+            self.optimizer,
+            trainer_state,
+            rank_state,
+            self.config_yaml,
+            self.training.keep_last_checkpoints,
         )
 
     def _resume(self, loader, root: Path) -> bool:
         path = ckpt.latest_checkpoint(root)
         if path is None:
             return False
-        state = ckpt.load_checkpoint(path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.state = TrainState(**state["trainer"])
-        loader.load_state_dict(state["data"])
-        ckpt.set_rng_state(state["rng"])
-        print(f"resumed from {path} at step {self.state.step}", flush=True)
+        saved, mine = ckpt.load_into(path, self.model, self.optimizer)
+        self.state = TrainState(**saved["trainer"])
+        if saved["data"] is not None:
+            loader.load_state_dict(saved["data"])
+        elif saved["dp_size"] != self.world.dp_size:
+            raise PosttrainError(
+                f"{path}: data.shard_by=samples checkpoints hold one data state per data-parallel rank "
+                f"({saved['dp_size']} ranks); this run has {self.world.dp_size}. Resume on "
+                f"{saved['dp_size']} data-parallel ranks, or use data.shard_by=rows (world-size independent)"
+            )
+        else:
+            loader.load_state_dict(mine["data"])
+        ckpt.set_rng_state(mine["rng"])
+        if self.world.is_main:
+            print(
+                f"resumed from {path} at step {self.state.step} (saved on {saved['world_size']} "
+                f"process{'es' if saved['world_size'] > 1 else ''}, now {self.world.world_size})",
+                flush=True,
+            )
         return True
