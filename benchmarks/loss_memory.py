@@ -6,7 +6,8 @@ and the output weight `w` [vocab, hidden], with gradients w.r.t. both, every pos
   naive  `posttrain.train.losses.naive_cross_entropy`: full [tokens, vocab] logits, then
          `F.cross_entropy(reduction="sum")`.
   ours   `posttrain.train.losses.chunked_cross_entropy(chunk_size=--chunk-size)`: rows of h in chunks,
-         each chunk's logits recomputed in backward (activation checkpointing).
+         fused linear + cross-entropy: each chunk's gradients are computed in forward (softmax - onehot
+         in place), grad_w accumulated in one buffer with addmm_; backward only scales them.
   trl    `trl.kernels.ChunkedLogProbFunction` (TRL 1.16), the autograd function behind TRL's fused LM
          head (`trl.trainer.utils.add_fused_lm_head`, used by SFT/DPO/GRPO/KTO/RLOO trainers). It takes
          hidden states and the weight, never full logits: tiles of 4,096 tokens x `--trl-chunk-size`
@@ -31,7 +32,7 @@ Agreement. Each worker saves its loss and gradients; the parent compares them wi
 rel 1e-5, gradients to max|diff| <= 1e-4 * max|naive grad|. It exits 1 if any disagree.
 
     .venv/bin/python benchmarks/loss_memory.py [--tokens 4096] [--vocab 151936] [--hidden 1024]
-        [--chunk-size 1024] [--trl-chunk-size 32768] [--reps 2] [--warmup 1] [--threads N]
+        [--chunk-size N (default auto)] [--trl-chunk-size 32768] [--reps 2] [--warmup 1] [--threads N]
 """
 
 from __future__ import annotations
@@ -179,13 +180,21 @@ def compare(out: Path) -> tuple[bool, list[str]]:
     return ok, lines
 
 
+def auto_chunk(vocab: int) -> int:
+    """The rows per chunk chunked_cross_entropy picks when chunk_size is None."""
+    from posttrain.train.losses import AUTO_CHUNK_BYTES
+
+    return max(64, AUTO_CHUNK_BYTES // (4 * vocab))
+
+
 def report(args: argparse.Namespace, results: dict[str, dict]) -> None:
     grads_mib = (args.tokens + args.vocab) * args.hidden * 4 / MIB
     logits_mib = args.tokens * args.vocab * 4 / MIB
     print(
         f"\n[tokens] {args.tokens}  [vocab] {args.vocab}  [hidden] {args.hidden}  fp32 CPU, "
         f"threads {torch.get_num_threads() if args.threads is None else args.threads}, "
-        f"ours chunk {args.chunk_size}, trl vocab chunk {args.trl_chunk_size}"
+        f"ours chunk {args.chunk_size or f'auto ({auto_chunk(args.vocab)} rows)'}, "
+        f"trl vocab chunk {args.trl_chunk_size}"
     )
     print(
         f"one fp32 [tokens, vocab] logits = {logits_mib:,.0f} MiB; grad_h + grad_w = {grads_mib:,.0f} MiB "
@@ -224,7 +233,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=4096, help="loss tokens (rows of h)")
     p.add_argument("--vocab", type=int, default=151_936, help="vocabulary size (Qwen3: 151,936)")
     p.add_argument("--hidden", type=int, default=1024, help="hidden size (Qwen3-0.6B: 1,024)")
-    p.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk in posttrain's loss")
+    p.add_argument(
+        "--chunk-size", type=int, default=None, help="rows per chunk in posttrain's loss (default: auto)"
+    )
     p.add_argument("--trl-chunk-size", type=int, default=32_768, help="vocab columns per tile in TRL's loss")
     p.add_argument("--reps", type=int, default=2, help="timed calls per variant (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
