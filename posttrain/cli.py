@@ -16,6 +16,9 @@ RECIPES = {
     # recipe name -> module with `train(cfg) -> summary`; plain data, no registry.
     "pretrain": "posttrain.recipes.pretrain",
     "sft": "posttrain.recipes.sft",
+    "dpo": "posttrain.recipes.dpo",
+    "rm": "posttrain.recipes.rm",
+    "distill": "posttrain.recipes.distill",
 }
 
 

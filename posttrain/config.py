@@ -271,10 +271,38 @@ class ParallelismConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPUs, gloo on CPU
 
 
+class DPOConfig(Section):
+    """Direct preference optimisation (recipe `dpo`), TRL's definitions."""
+
+    beta: float = 0.1  # strength of the implicit KL to the reference (larger = stay closer)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # ipo uses length-averaged log-probabilities
+    label_smoothing: float = 0.0  # cDPO: assumed probability that a pair's preference label is flipped
+    # reference model: copy = a frozen copy of the starting weights; lora_disabled = the policy itself
+    # with its LoRA adapters switched off (no second model in memory; needs model.lora)
+    reference: Literal["copy", "lora_disabled"] = "copy"
+
+
+class RewardConfig(Section):
+    """Reward modelling (recipe `rm`): Bradley-Terry loss on a scalar head over preference pairs."""
+
+    head: str = "reward"  # name of the scalar head (exported as the sequence-classification `score`)
+    center_rewards_coef: float = 0.0  # TRL's center_rewards_coefficient: pulls mean rewards to 0
+
+
+class DistillConfig(Section):
+    """Knowledge distillation (recipe `distill`) from an online teacher."""
+
+    teacher: ModelConfig  # an HF checkpoint (path) of any supported family; its tokenizer must match
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = 0.5  # jsd: mixture weight (TRL GKD's beta)
+    temperature: float = 1.0  # both distributions are softened by this temperature
+    alpha: float = 1.0  # loss = alpha * distillation + (1 - alpha) * next-token cross-entropy
+
+
 class JobConfig(Section):
     """A whole job: which recipe, where it writes, and each component's section."""
 
-    recipe: Literal["pretrain", "sft"]
+    recipe: Literal["pretrain", "sft", "dpo", "rm", "distill"]
     output_dir: str
     seed: int = 0
     model: ModelConfig
@@ -285,6 +313,9 @@ class JobConfig(Section):
     training: TrainingConfig
     metrics: MetricsConfig = MetricsConfig()
     parallelism: ParallelismConfig = ParallelismConfig()
+    dpo: DPOConfig = DPOConfig()  # recipe dpo only
+    reward: RewardConfig = RewardConfig()  # recipe rm only
+    distill: DistillConfig | None = None  # recipe distill only (required there)
 
 
 def gradient_accumulation_steps(training: TrainingConfig, world_size: int = 1) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import torch
+
 from posttrain.data.synthetic import exact_match
 from posttrain.data.tokenizer import Tokenizer
 from posttrain.generate import greedy_generate
@@ -45,3 +47,28 @@ def exact_match_accuracy(
     result = {"accuracy": sum(total) / max(1, len(total)), "num": len(total)}
     result.update({f"accuracy/{task}": sum(v) / len(v) for task, v in sorted(hits.items())})
     return result
+
+
+@torch.no_grad()
+def preference_accuracy(model, tokenizer: Tokenizer, rows: list[dict]) -> dict:
+    """Share of preference rows where the model gives the chosen answer a higher total log-probability
+    than the rejected one (no reference model: comparable across stages), overall and per kind of
+    rejected answer (`rejected_kind`, e.g. wrong / padded)."""
+    from posttrain.data.pairs import render_pair
+
+    model.eval()
+    wins: dict[str, list[bool]] = defaultdict(list)
+    for row in rows:
+        ids, labels, (n_chosen, _) = render_pair(tokenizer, row)
+        scores = []
+        for lo, hi in ((0, n_chosen), (n_chosen, len(ids))):
+            x = torch.tensor([ids[lo:hi]])
+            y = torch.tensor(labels[lo + 1 : hi])
+            logp = model.logits(model(x))[0, :-1, : tokenizer.vocab_size].float().log_softmax(-1)
+            keep = y != -100
+            scores.append(float(logp[keep].gather(-1, y[keep, None]).sum()))
+        wins[row.get("rejected_kind", "all")].append(scores[0] > scores[1])
+    total = [w for v in wins.values() for w in v]
+    out = {"accuracy": sum(total) / max(1, len(total)), "num": len(total)}
+    out.update({f"accuracy/{kind}": sum(v) / len(v) for kind, v in sorted(wins.items())})
+    return out

@@ -15,6 +15,12 @@ data, so it goes into checkpoints and a resumed run packs exactly the same rows.
   doc_ids      [B, T]  document index within the row (-1 on padding); omitted when no row holds
                        more than one document, so attention can use the plain causal fast path
   doc_lens     [N]     lengths of all documents in the batch (for per-document FLOPs)
+
+Batches holding preference pairs (samples with `parts`) also carry, per document, what the pair
+losses need:
+
+  doc_index    [B, T]  the document's index in doc_lens (-1 on padding)
+  doc_roles    [N]     0 = chosen, 1 = rejected (a pair's two documents are adjacent), -1 = plain
 """
 
 from __future__ import annotations
@@ -96,12 +102,15 @@ class BestFitPacker:
 
 
 def rows_to_state(rows: Sequence[Row]) -> list:
-    """Rows as plain data for a checkpoint: [[(input_ids, labels, source), ...], ...]."""
-    return [[(s.input_ids, s.labels, s.source) for s in row] for row in rows]
+    """Rows as plain data for a checkpoint: [[(input_ids, labels, source, parts), ...], ...]."""
+    return [[(s.input_ids, s.labels, s.source, list(s.parts)) for s in row] for row in rows]
 
 
 def rows_from_state(state: list) -> list[Row]:
-    return [[Sample(list(s[0]), list(s[1]), *s[2:]) for s in row] for row in state]
+    return [
+        [Sample(list(s[0]), list(s[1]), s[2], tuple(s[3]) if len(s) > 3 else ()) for s in row]
+        for row in state
+    ]
 
 
 def fill_rate(rows: Sequence[Row], row_len: int) -> float:
@@ -123,14 +132,20 @@ def collate(rows: Sequence[Row], pad_id: int, row_len: int | None = None) -> dic
     tgt: list[int] = []
     doc_lens: list[int] = []
     doc_in_row: list[int] = []
+    roles: list[int] = []
     for row in rows:
-        for d, sample in enumerate(row):
+        d = 0
+        for sample in row:
             ids += sample.input_ids
-            # Next-token targets within the document; the last position predicts nothing.
-            tgt += sample.labels[1:]
-            tgt.append(IGNORE)
-            doc_lens.append(len(sample.input_ids))
-            doc_in_row.append(d)
+            start = 0
+            for role, n in enumerate(sample.parts) if sample.parts else [(-1, len(sample.input_ids))]:
+                # Next-token targets within the document; the last position predicts nothing.
+                tgt += sample.labels[start + 1 : start + n]
+                tgt.append(IGNORE)
+                doc_lens.append(n)
+                doc_in_row.append(d)
+                roles.append(role)
+                start, d = start + n, d + 1
     lens = np.asarray(doc_lens, dtype=np.int64)
     starts = np.cumsum(lens) - lens  # flat start of every document
     flat = {
@@ -154,6 +169,15 @@ def collate(rows: Sequence[Row], pad_id: int, row_len: int | None = None) -> dic
         "position_ids": position_ids,
         "doc_lens": lens_t,
     }
-    if max(len(row) for row in rows) > 1:
+    if max(doc_in_row) > 0:
         batch["doc_ids"] = doc_ids
+    if any(r >= 0 for r in roles):
+        index = np.full((B, T), -1, dtype=np.int64)
+        flat_index = np.repeat(np.arange(len(doc_lens), dtype=np.int64), lens)
+        offset = 0
+        for b, n in enumerate(lengths):
+            index[b, :n] = flat_index[offset : offset + n]
+            offset += n
+        batch["doc_index"] = torch.from_numpy(index)
+        batch["doc_roles"] = torch.tensor(roles, dtype=torch.int64)
     return batch

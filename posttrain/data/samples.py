@@ -3,7 +3,9 @@
 A sample is a `Sample(input_ids, labels, source)`: aligned lists, `labels[i] == input_ids[i]` where
 the token bears loss and -100 where it does not (the shift to next-token targets happens at
 collation, per document, so packing never lets one document predict the next); `source` is the
-index of the `data.train` source it came from (for per-source metrics).
+index of the `data.train` source it came from (for per-source metrics). A preference pair is ONE
+sample whose `parts` are the lengths of its two documents (chosen, then rejected): the packer moves it
+as a unit, so both halves always land in the same row, and collation splits it into two documents.
 
 Bad input follows the source's `on_error` policy: `raise` fails on the first bad record with
 `path:line: reason`; `skip` drops it and counts it per reason, which ends up in `summary.json`.
@@ -31,6 +33,7 @@ class Sample:
     input_ids: list[int]
     labels: list[int]
     source: int = 0  # index of the data.train source it came from
+    parts: tuple[int, ...] = ()  # lengths of the documents it holds when more than one (a preference pair)
 
     @property
     def num_loss_tokens(self) -> int:
@@ -47,6 +50,9 @@ def fit_length(sample: Sample, max_len: int, policy: str, skips: SkipCounter) ->
     n = len(sample.input_ids)
     if n <= max_len:
         return [sample]
+    if sample.parts:  # cutting a pair would leave one half or a truncated comparison: drop it, counted
+        skips["overlong_pair_dropped"] += 1
+        return []
     if policy == "drop":
         skips["overlong_dropped"] += 1
         return []
@@ -85,7 +91,8 @@ def render_record(stream, item, render, max_len: int, overlong: str) -> list[Sam
     try:
         if isinstance(record, DataError):
             raise record
-        sample = Sample(*render(record), stream.index)
+        ids, labels, *parts = render(record)  # a pair renderer adds the lengths of its two halves
+        sample = Sample(ids, labels, stream.index, *parts)
     except DataError as err:
         if stream.cfg.on_error == "raise":
             raise DataError(f"{loc}: {err}", err.reason) from None

@@ -186,6 +186,10 @@ def validate(fmt: str, obj: dict) -> Any:
     return check(obj)
 
 
+def _distill_messages(record: DistillRecord) -> list[dict]:
+    return [*record.messages, {"role": "assistant", "content": record.completion}]
+
+
 def renderer(fmt: str, tokenizer, mask: str) -> Callable[[dict], tuple[list[int], list[int]]]:
     """The function that turns one record of an SFT/pretraining format into (input_ids, labels)."""
     if fmt == "chat":
@@ -196,6 +200,14 @@ def renderer(fmt: str, tokenizer, mask: str) -> Callable[[dict], tuple[list[int]
         return lambda obj: tokenizer.render_text(validate("text", obj))
     if fmt == "tokens":
         return _tokens
+    if fmt == "preference":  # (ids, labels, (len_chosen, len_rejected)): one sample, two documents
+        from posttrain.data.pairs import render_pair
+
+        return lambda obj: render_pair(tokenizer, obj)
+    if fmt == "distill":  # the teacher's completion as the assistant turn (online distillation)
+        return lambda obj: tokenizer.render_chat(
+            _distill_messages(validate("distill", obj)), mask="last_assistant"
+        )
     raise DataError(
         f"format {fmt!r} does not render to training tokens (SFT formats: {', '.join(SFT_FORMATS)})"
     )

@@ -134,6 +134,52 @@ def to_multiturn_chat(problems: list[Problem]) -> dict:
     return {"messages": messages, "task": "multiturn", "answer": problems[-1].answer}
 
 
+def wrong_answer(p: Problem, rng: random.Random) -> str:
+    """A near miss: the kind of mistake a small model makes (off by a little, a swap, unsorted)."""
+    if p.task == "add":
+        return str(int(p.answer) + rng.choice([-10, -2, -1, 1, 2, 10]))
+    items = p.answer.split()
+    i = rng.randrange(len(items) - 1)
+    swapped = items[:i] + [items[i + 1], items[i]] + items[i + 2 :]
+    if swapped == items:  # equal neighbours: fall back to the prompt's order (unsolved)
+        swapped = list(reversed(items)) if p.task == "reverse" else items[::-1]
+    return " ".join(swapped) if swapped != items else p.answer + " " + items[0]
+
+
+PADDINGS = (
+    "Sure! The answer is {a}. Let me know if you need anything else.",
+    "Great question. After careful thought, I believe it is {a}.",
+    "{a}, I think, but please double-check.",
+)
+
+
+def to_preference(p: Problem, rng: random.Random, system: bool = True) -> dict:
+    """A preference row: chosen = the exact answer alone; rejected = a wrong answer (half the time) or
+    the right answer padded with chatter (the other half). A preference stage should learn to be
+    correct AND concise."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}] if system else []
+    messages.append({"role": "user", "content": p.prompt})
+    if rng.random() < 0.5:
+        rejected, kind = wrong_answer(p, rng), "wrong"
+    else:
+        rejected, kind = rng.choice(PADDINGS).format(a=p.answer), "padded"
+    return {
+        "prompt": messages,
+        "chosen": p.answer,
+        "rejected": rejected,
+        "task": p.task,
+        "rejected_kind": kind,
+    }
+
+
+def to_distill(p: Problem, system: bool = True) -> dict:
+    """A distillation row: the prompt and a completion (here the reference answer stands in for a
+    teacher's sampled completion)."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}] if system else []
+    messages.append({"role": "user", "content": p.prompt})
+    return {"messages": messages, "completion": p.answer, "task": p.task}
+
+
 def to_text(p: Problem) -> str:
     """Plain pretraining text (no chat markup), so a base model already knows the tasks."""
     return f"{p.prompt} Answer: {p.answer}"
@@ -151,6 +197,7 @@ def write_demo_data(
     num_pretrain: int = 20000,
     num_sft: int = 4000,
     num_heldout: int = 300,
+    num_pref: int = 4000,
 ) -> dict[str, Path]:
     """Write pretrain.jsonl ({"text"}), sft_train.jsonl and heldout.jsonl (chat rows) and return their paths.
 
@@ -166,4 +213,23 @@ def write_demo_data(
     _write_jsonl(paths["sft_train"], [to_chat(p) for p in sft])
     heldout = generate_problems("heldout", num_heldout, seed)
     _write_jsonl(paths["heldout"], [to_chat(p) for p in heldout])
+    paths.update(write_preference_data(out, seed, num_pref, num_heldout))
+    return paths
+
+
+def write_preference_data(
+    out_dir: str | Path, seed: int = 0, num_train: int = 4000, num_heldout: int = 300
+) -> dict[str, Path]:
+    """pref_train.jsonl and pref_heldout.jsonl (preference rows) and distill_train.jsonl."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"posttrain-preference:{seed}")
+    paths = {name: out / f"{name}.jsonl" for name in ("pref_train", "pref_heldout", "distill_train")}
+    train = generate_problems("train", num_train, seed + 2)
+    _write_jsonl(paths["pref_train"], [to_preference(p, rng) for p in train])
+    heldout = generate_problems("heldout", num_heldout, seed + 1)
+    _write_jsonl(paths["pref_heldout"], [to_preference(p, rng) for p in heldout])
+    _write_jsonl(
+        paths["distill_train"], [to_distill(p) for p in generate_problems("train", num_train, seed + 3)]
+    )
     return paths

@@ -34,7 +34,13 @@ from posttrain.data.tokenizer import Tokenizer
 from posttrain.errors import ConfigError
 from posttrain.models import lora, vocab
 from posttrain.models.flops import lora_params_per_token, train_flops
-from posttrain.models.hf_io import build_model, load_pretrained, save_lora_adapter, save_pretrained
+from posttrain.models.hf_io import (
+    build_model,
+    load_pretrained,
+    save_lora_adapter,
+    save_pretrained,
+    save_sequence_classifier,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -49,6 +55,7 @@ class BuiltModel:
     notes: list[str] = field(default_factory=list)  # what was done to the model, for the run summary
     world: Any = None  # posttrain.parallel.world.World when the module is sharded over ranks
     twin: nn.Module | None = None  # unsharded meta-device copy (distributed runs), for export
+    classifier_head: str | None = None  # export as a sequence classifier with this head (reward models)
 
     @property
     def has_lora(self) -> bool:
@@ -56,12 +63,19 @@ class BuiltModel:
 
 
 def build_model_for(
-    cfg: ModelConfig, tokenizer: Tokenizer, seed: int, *, world: Any = None, parallelism: Any = None
+    cfg: ModelConfig,
+    tokenizer: Tokenizer,
+    seed: int,
+    *,
+    world: Any = None,
+    parallelism: Any = None,
+    score_head: str | None = None,
 ) -> BuiltModel:
-    """Load `model.path` or build `model.arch`, apply the vocabulary, LoRA and freezing options, then
-    the parallelism section (`world`, `parallelism`: posttrain.parallel; None = one process as is)."""
+    """Load `model.path` or build `model.arch`, apply the vocabulary, LoRA and freezing options, add a
+    scalar `score_head` (reward models; kept if the checkpoint has one), then the parallelism section
+    (`world`, `parallelism`: posttrain.parallel; None = one process as is)."""
     if parallelism is None or world is None:
-        return _build_single_device(cfg, tokenizer, seed)
+        return _with_head(_build_single_device(cfg, tokenizer, seed), score_head, seed)
     from posttrain.parallel.parallelize import parallelize
 
     if world.distributed and cfg.train_new_token_rows_only:
@@ -69,9 +83,9 @@ def build_model_for(
             "model.train_new_token_rows_only is not supported with several processes yet "
             "(its gradient hook does not survive FSDP's parameter swap)"
         )
-    if world.distributed and _can_load_sharded(cfg, tokenizer):
+    if world.distributed and score_head is None and _can_load_sharded(cfg, tokenizer):
         return _build_sharded(cfg, tokenizer, world, parallelism)
-    built = _build_single_device(cfg, tokenizer, seed)
+    built = _with_head(_build_single_device(cfg, tokenizer, seed), score_head, seed)
     if world.distributed:
         built.twin = meta_twin(built.module)
         built.world = world
@@ -81,6 +95,20 @@ def build_model_for(
                 "needs the whole model); plain fine-tuning loads straight into shards"
             )
     built.notes.extend(parallelize(built.module, world, parallelism, backend=built.backend))
+    return built
+
+
+def _with_head(built: BuiltModel, name: str | None, seed: int) -> BuiltModel:
+    """Attach a scalar ScoreHead `name` (seeded init) unless the loaded checkpoint brought one."""
+    from posttrain.models.heads import ScoreHead, add_head
+
+    if name is None:
+        return built
+    if name not in getattr(built.module, "heads", {}):
+        torch.manual_seed(seed)
+        add_head(built.module, name, ScoreHead(built.module.output_weight().shape[1], 1))
+        built.notes.append(f"added a scalar head {name!r} (exported as the sequence-classification score)")
+    built.classifier_head = name
     return built
 
 
@@ -275,7 +303,19 @@ def _export_hf(built: BuiltModel, tokenizer: Tokenizer, out_dir: Path) -> Path:
         sd = lora.merged_state_dict(built.module) if built.has_lora else built.module.state_dict()
         sd = vocab.trimmed_state_dict(sd, built.export_vocab_size)
         config = dataclasses.replace(built.config, vocab_size=built.export_vocab_size)
-        save_pretrained(built.module, config, out_dir, token_ids=ids, generation_config=gen, state_dict=sd)
+        if built.classifier_head is not None:  # a reward model: transformers' ...ForSequenceClassification
+            save_sequence_classifier(
+                built.module,
+                config,
+                built.classifier_head,
+                out_dir,
+                pad_token_id=tokenizer.pad_id,
+                state_dict=sd,
+            )
+        else:
+            save_pretrained(
+                built.module, config, out_dir, token_ids=ids, generation_config=gen, state_dict=sd
+            )
         expert_adapters = [name for name in lora.lora_modules(built.module) if ".experts." in name]
         if expert_adapters:
             # PEFT has no layout for per-expert adapters (transformers fuses experts): OUTPUT/hf, with the

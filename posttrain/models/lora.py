@@ -19,6 +19,7 @@ experts). A target that matches nothing is an error naming the valid names.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -44,6 +45,7 @@ class LoRALinear(nn.Module):
         self.bias = base.bias
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
+        self.disabled = False  # adapters_disabled(): the frozen base alone (DPO's reference model)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device, dtype = base.weight.device, base.weight.dtype
         self.lora_a = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
@@ -61,7 +63,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         return y + self.lora_b(self.lora_a(self.dropout(x))) * self.scaling
 
@@ -127,6 +129,22 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, tar
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Within the block the model computes its frozen base (every adapter off): a reference model
+    for preference losses without a second copy of the weights."""
+    modules = list(lora_modules(model).values())
+    if any(m.merged for m in modules):
+        raise ConfigError("adapters_disabled: the adapters are merged into the weights; unmerge first")
+    for m in modules:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.disabled = False
 
 
 def merge_lora(model: nn.Module) -> None:

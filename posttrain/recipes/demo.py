@@ -3,8 +3,11 @@
 1. write synthetic tasks with verifiable answers (disjoint train / held-out splits);
 2. pretrain a tiny Qwen3-shaped model from scratch on them as plain text;
 3. SFT it on the same kinds of tasks rendered as chat conversations;
-4. after each stage, greedy-decode the held-out questions and score exact match, both through the
-   chat template and in the plain text format the base model was trained on.
+4. DPO the SFT model on preference pairs (chosen: the exact answer; rejected: a near miss or the
+   right answer padded with chatter);
+5. after each stage, greedy-decode the held-out questions and score exact match, both through the
+   chat template and in the plain text format the base model was trained on, and measure held-out
+   preference accuracy (chosen more likely than rejected) on unseen pairs.
 
 The stage configs are ordinary job files (`configs/demo/*.yaml`); the demo only fills in paths.
 """
@@ -18,9 +21,9 @@ from pathlib import Path
 from posttrain.config import load_job
 from posttrain.data.synthetic import write_demo_data
 from posttrain.data.tokenizer import Tokenizer
-from posttrain.evaluate import exact_match_accuracy
+from posttrain.evaluate import exact_match_accuracy, preference_accuracy
 from posttrain.models.hf_io import load_pretrained
-from posttrain.recipes import pretrain, sft
+from posttrain.recipes import dpo, pretrain, sft
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 QUICK = [
@@ -37,12 +40,12 @@ def _config_path(name: str) -> Path:
     raise FileNotFoundError(f"demo config {name} not found under {CONFIGS}")
 
 
-def _evaluate(hf_dir: Path, rows: list[dict]) -> dict:
+def _evaluate(hf_dir: Path, rows: list[dict], pref_rows: list[dict]) -> dict:
     model, _ = load_pretrained(hf_dir)
     tokenizer = Tokenizer.from_dir(hf_dir)
     chat = exact_match_accuracy(model, tokenizer, rows, prompt_format="chat")
     text = exact_match_accuracy(model, tokenizer, rows, prompt_format="text")
-    return {"chat": chat, "text": text}
+    return {"chat": chat, "text": text, "pref": preference_accuracy(model, tokenizer, pref_rows)}
 
 
 def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False) -> dict:
@@ -50,6 +53,7 @@ def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False) -> dict:
     t0 = time.perf_counter()
     data = write_demo_data(out / "data", seed=0, num_sft=20000)
     rows = [json.loads(line) for line in data["heldout"].read_text().splitlines()]
+    pref_rows = [json.loads(line) for line in data["pref_heldout"].read_text().splitlines()]
     extra = QUICK if quick else []
     stages = []
 
@@ -62,7 +66,7 @@ def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False) -> dict:
         ],
     )
     pre = pretrain.train(pre_cfg)
-    stages.append(("pretrain (base)", pre, _evaluate(Path(pre["hf_dir"]), rows)))
+    stages.append(("pretrain (base)", pre, _evaluate(Path(pre["hf_dir"]), rows, pref_rows)))
 
     sft_cfg = load_job(
         _config_path("sft.yaml"),
@@ -74,7 +78,19 @@ def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False) -> dict:
         ],
     )
     post = sft.train(sft_cfg)
-    stages.append(("sft", post, _evaluate(Path(post["hf_dir"]), rows)))
+    stages.append(("sft", post, _evaluate(Path(post["hf_dir"]), rows, pref_rows)))
+
+    dpo_cfg = load_job(
+        _config_path("dpo.yaml"),
+        [
+            f"output_dir={out / 'dpo'}",
+            f"data.train.path={data['pref_train']}",
+            f"model.path={post['hf_dir']}",
+            *extra,
+        ],
+    )
+    pref = dpo.train(dpo_cfg)
+    stages.append(("dpo", pref, _evaluate(Path(pref["hf_dir"]), rows, pref_rows)))
 
     report = {
         "stages": [
@@ -84,6 +100,10 @@ def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False) -> dict:
                 "heldout_accuracy_chat": ev["chat"]["accuracy"],
                 "heldout_accuracy_text": ev["text"]["accuracy"],
                 "per_task_chat": {k: v for k, v in ev["chat"].items() if k.startswith("accuracy/")},
+                "heldout_preference_accuracy": ev["pref"]["accuracy"],
+                "preference_accuracy_by_kind": {
+                    k: v for k, v in ev["pref"].items() if k.startswith("accuracy/")
+                },
                 "tokens_per_s": s["tokens_seen"] / max(s["wall_time_s"], 1e-9),
                 "train_wall_s": s["wall_time_s"],
                 "hf_dir": s["hf_dir"],
@@ -103,7 +123,16 @@ def print_table(report: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"posttrain demo: held-out exact match on {report['num_heldout']} unseen problems")
-    for col in ("stage", "final loss", "held-out acc (chat)", "held-out acc (text)", "tokens/s", "wall time"):
+    cols = (
+        "stage",
+        "final loss",
+        "held-out acc (chat)",
+        "held-out acc (text)",
+        "pref acc",
+        "tokens/s",
+        "wall time",
+    )
+    for col in cols:
         table.add_column(col, justify="left" if col == "stage" else "right")
     for s in report["stages"]:
         table.add_row(
@@ -111,10 +140,15 @@ def print_table(report: dict) -> None:
             f"{s['final_loss']:.3f}",
             f"{s['heldout_accuracy_chat']:.1%}",
             f"{s['heldout_accuracy_text']:.1%}",
+            f"{s['heldout_preference_accuracy']:.1%}",
             f"{s['tokens_per_s']:,.0f}",
             f"{s['train_wall_s']:.0f}s",
         )
     console = Console(width=120)
     console.print(table)
-    console.print(f"per task (chat, after SFT): {report['stages'][-1]['per_task_chat']}")
+    for s in report["stages"][1:]:
+        console.print(f"per task (chat, after {s['stage']}): {s['per_task_chat']}")
+    console.print(
+        f"preference accuracy by rejected kind (after dpo): {report['stages'][-1]['preference_accuracy_by_kind']}"
+    )
     console.print(f"HF checkpoint: {report['stages'][-1]['hf_dir']}  (total {report['wall_time_s']:.0f}s)")

@@ -120,12 +120,20 @@ def lm_loss_fn(chunk_size: int, num_real_vocab: int, moe_aux_coef: float = 0.0):
 
 @torch.no_grad()
 def evaluate_loss(
-    model, samples: list[Sample], data: DataConfig, micro_batch_size: int, pad_id: int, loss_fn
+    model,
+    samples: list[Sample],
+    data: DataConfig,
+    micro_batch_size: int,
+    pad_id: int,
+    loss_fn,
+    loss_units=None,
 ) -> dict:
-    """Token-weighted mean loss over every eval sample."""
+    """Loss and the loss function's metrics over every eval sample, weighted by loss units (tokens by
+    default, pairs for preference losses): {"eval_loss", "eval_<metric>"..., "eval_units"}."""
+    count = loss_units or (lambda b: int((b["targets"] != -100).sum()))
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
+    total, units, sums = 0.0, 0, {}
     for batch in eval_batches(
         samples,
         row_len=data.max_tokens_per_pack,
@@ -133,11 +141,151 @@ def evaluate_loss(
         pad_id=pad_id,
         packing=data.packing,
     ):
-        loss, _ = loss_fn(model, batch)
+        loss, metrics = loss_fn(model, batch)
         total += float(loss)
-        tokens += int((batch["targets"] != -100).sum())
+        units += count(batch)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
     model.train(was_training)
-    return {"eval_loss": total / max(tokens, 1), "eval_tokens": tokens}
+    out = {"eval_loss": total / max(units, 1), "eval_tokens" if loss_units is None else "eval_units": units}
+    return out | {f"eval_{k}": v / max(units, 1) for k, v in sums.items()}
+
+
+def check_formats(cfg, formats: tuple[str, ...]) -> None:
+    """Every data source's format must be one the recipe takes; the error names the key."""
+    sources = cfg.data.train_sources
+    named = [(f"data.train[{i}]" if len(sources) > 1 else "data.train", s) for i, s in enumerate(sources)]
+    for key, source in (*named, ("data.eval", cfg.data.eval)):
+        if source is not None and source.format not in formats:
+            raise ConfigError(
+                f"{key}.format={source.format!r}: recipe {cfg.recipe!r} takes {' or '.join(formats)}"
+            )
+
+
+def in_world(cfg, body):
+    """Run body(world) as this process's part of the job: join the process group (a world of one
+    without a launcher; the layout is checked against the model's heads before any weight is
+    touched), and always leave it."""
+    from posttrain.models.build import head_counts
+    from posttrain.parallel.world import close_world, init_world
+
+    world = init_world(cfg.parallelism, **head_counts(cfg.model))
+    try:
+        return body(world)
+    finally:
+        close_world(world)
+
+
+def start_output(cfg, world) -> tuple[Path, str]:
+    """OUTPUT/ and its config.yaml (rank 0 writes); seeds every RNG. Returns (output dir, config YAML)."""
+    from posttrain.config import dump_job
+
+    out = Path(cfg.output_dir)
+    config_yaml = dump_job(cfg)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml)
+    seed_everything(cfg.seed)
+    return out, config_yaml
+
+
+def make_trainer(cfg, built, loss_fn, loader, world, out: Path, config_yaml: str, **kwargs):
+    """The shared Trainer for a job: steps from training.max_steps/num_epochs, accumulation from the
+    world's data-parallel size, FLOPs of the built model. kwargs: e.g. loss_units for pair losses."""
+    from posttrain.metrics.mfu import peak_flops
+    from posttrain.models.build import flops_fn_for
+    from posttrain.train.trainer import Trainer
+
+    device = next(built.module.parameters()).device
+    return Trainer(
+        built.module,
+        loss_fn,
+        training=cfg.training,
+        optim=cfg.optim,
+        schedule=cfg.schedule,
+        total_steps=total_steps_for(cfg.training, loader, world),
+        grad_accum_steps=gradient_accumulation_steps(cfg.training, world.dp_size),
+        output_dir=out,
+        config_yaml=config_yaml,
+        flops_fn=flops_fn_for(built),
+        peak_flops_per_s=peak_flops(cfg.metrics.peak_flops_per_s, device),
+        progress=cfg.metrics.progress,
+        world=world,
+        **kwargs,
+    )
+
+
+def load_data(cfg, world, tokenizer) -> tuple[TrainLoader, list[Sample], dict]:
+    """(the streaming train loader of this rank, the eval samples, the eval skip counts)."""
+    from posttrain.data.samples import load_samples
+
+    loader = make_loader(
+        cfg.data, cfg.training, tokenizer, cfg.seed, rank=world.dp_rank, world_size=world.dp_size
+    )
+    if cfg.data.eval is None:
+        return loader, [], {}
+    d = cfg.data
+    samples, skips = load_samples(
+        d.eval, tokenizer, max_len=d.max_tokens_per_pack, overlong=d.overlong, mask=d.mask
+    )
+    return loader, samples, skips
+
+
+def print_notes(built, world) -> None:
+    for note in built.notes if world.is_main else []:
+        print(f"[model] {note}")
+
+
+def make_evaluate(model, samples: list[Sample], cfg, tokenizer, loss_fn, loss_units=None):
+    """The eval callback for Trainer.fit over data.eval (None when there is no eval set)."""
+    if not samples:
+        return None
+    mb = cfg.training.micro_batch_size_per_device
+    return lambda: evaluate_loss(model, samples, cfg.data, mb, tokenizer.pad_id, loss_fn, loss_units)
+
+
+def train_export_summarise(
+    cfg, world, built, tokenizer, trainer, loader, timer, evaluate, eval_skips
+) -> dict:
+    """The end every recipe shares: fit (resuming if asked), export OUTPUT/hf, write summary.json."""
+    from posttrain.models.build import export_hf
+
+    final = trainer.fit(loader, evaluate)
+    loader.close()
+    hf_dir = export_hf(built, tokenizer, Path(cfg.output_dir) / "hf") if cfg.training.export_hf else None
+    return run_summary(cfg, world, built, trainer, loader, timer, hf_dir, eval_skips, final=final)
+
+
+def run_summary(cfg, world, built, trainer, loader, timer, hf_dir, eval_skips: dict, **extra) -> dict:
+    """summary.json's common fields (rank 0 writes it); recipes add their own with `extra`."""
+    model = built.module
+    summary = {
+        "recipe": cfg.recipe,
+        "status": "finished",
+        "steps": trainer.state.step,
+        "final": trainer.state.last_metrics | extra.pop("final", {}),
+        "skipped_samples": {"train": loader.skips(), "eval": dict(eval_skips)},
+        "nonfinite_steps": trainer.state.nonfinite_steps,
+        "num_train_samples": sum(loader.samples_by_source),  # samples consumed (with repeats)
+        "data_sources": loader.summary(),  # per source: samples, tokens, skips by reason
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "num_trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "model_notes": built.notes,
+        "tokens_seen": trainer.state.tokens_seen,
+        "fill_rate": loader.fill_rate,
+        "wall_time_s": timer.elapsed_s,
+        "hf_dir": str(hf_dir) if hf_dir else None,
+        "world_size": world.world_size,
+        "parallelism": {
+            "dp_replicate": world.layout.dp_replicate,
+            "dp_shard": world.layout.dp_shard,
+            "tp": world.layout.tp,
+        },
+        **extra,
+    }
+    if world.is_main:
+        write_summary(Path(cfg.output_dir), summary)
+    return summary
 
 
 def write_summary(out_dir: Path, summary: dict) -> Path:

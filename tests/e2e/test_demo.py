@@ -1,5 +1,5 @@
-"""`posttrain demo --quick`: the whole flow (data -> pretrain -> SFT -> held-out exact match ->
-table) on a short schedule. The full demo's accuracy claim is measured by `make demo` (README)."""
+"""`posttrain demo --quick`: the whole flow (data -> pretrain -> SFT -> DPO -> held-out exact match and
+preference accuracy -> table) on a short schedule. The full demo's accuracy claim is measured by `make demo` (README)."""
 
 import json
 import subprocess
@@ -25,18 +25,21 @@ def test_quick_demo_prints_table_and_report(tmp_path):
         "wall time",
         "pretrain (base)",
         "sft",
+        "dpo",
+        "pref acc",
     ):
         assert heading in res.stdout
     report = json.loads((tmp_path / "demo_report.json").read_text())
-    assert [s["stage"] for s in report["stages"]] == ["pretrain (base)", "sft"]
+    assert [s["stage"] for s in report["stages"]] == ["pretrain (base)", "sft", "dpo"]
     assert report["num_heldout"] == 300
     for stage in report["stages"]:
         assert 0.0 <= stage["heldout_accuracy_chat"] <= 1.0 and stage["tokens_per_s"] > 0
+        assert 0.0 <= stage["heldout_preference_accuracy"] <= 1.0
         assert (tmp_path / stage["hf_dir"].split(str(tmp_path) + "/")[-1] / "config.json").is_file()
     # Each stage trained: its loss fell over its 12 steps.
-    for name in ("pretrain", "sft"):
+    for name in ("pretrain", "sft", "dpo"):
         losses = [
             json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         ]
         assert losses[-1] < losses[0]
-    assert str(tmp_path / "sft" / "hf") in res.stdout
+    assert str(tmp_path / "dpo" / "hf") in res.stdout
