@@ -280,6 +280,9 @@ class DPOConfig(Section):
     # reference model: copy = a frozen copy of the starting weights; lora_disabled = the policy itself
     # with its LoRA adapters switched off (no second model in memory; needs model.lora)
     reference: Literal["copy", "lora_disabled"] = "copy"
+    # + weight * the chosen answer's per-token negative log-likelihood (RPO / TRL's "sft" term): keeps
+    # the chosen answers likely, which plain DPO can push down along with the rejected ones
+    sft_weight: float = 0.0
 
 
 class RewardConfig(Section):

@@ -79,6 +79,11 @@ def dpo_loss_fn(cfg: JobConfig, reference, num_real_vocab: int):
             loss_type=d.loss_type,
             label_smoothing=d.label_smoothing,
         )
+        if d.sft_weight:
+            keep = batch["targets"] != -100
+            counts = torch.bincount(batch["doc_index"][keep], minlength=roles.numel()).clamp(min=1)
+            nll = -logps[chosen] / (1.0 if kwargs["average"] else counts[chosen])  # per-token, per pair
+            losses = losses + d.sft_weight * nll
         metrics = {
             "rewards/chosen": r_chosen.sum(),
             "rewards/rejected": r_rejected.sum(),
