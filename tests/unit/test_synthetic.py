@@ -94,9 +94,17 @@ def test_unknown_task_is_a_data_error():
 
 
 def test_write_demo_data(tmp_path):
-    paths = write_demo_data(tmp_path, seed=0, num_pretrain=90, num_sft=30, num_heldout=12)
+    paths = write_demo_data(tmp_path, seed=0, num_pretrain=90, num_sft=30, num_heldout=12, num_pref=20)
     rows = {k: [json.loads(line) for line in v.read_text().splitlines()] for k, v in paths.items()}
-    assert {k: len(v) for k, v in rows.items()} == {"pretrain": 90, "sft_train": 30, "heldout": 12}
+    assert {k: len(v) for k, v in rows.items()} == {
+        "pretrain": 90,
+        "sft_train": 30,
+        "heldout": 12,
+        "pref_train": 20,
+        "pref_heldout": 12,
+        "distill_train": 20,
+    }
+    assert set(rows["pref_train"][0]) >= {"prompt", "chosen", "rejected"}
     assert set(rows["pretrain"][0]) == {"text"}
     assert all(r["messages"][-1]["content"] == r["answer"] for r in rows["heldout"])
     heldout_prompts = {r["messages"][1]["content"] for r in rows["heldout"]}
