@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from posttrain.models.kv_cache import LayerKVCache
 
 
 class RMSNorm(nn.Module):
@@ -212,8 +216,12 @@ class Attention(nn.Module):
         cos_BTDh: torch.Tensor,
         sin_BTDh: torch.Tensor,
         mask_B1TT: torch.Tensor | None,
+        kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        """mask_B1TT: bool keep-mask from build_attention_mask, or None for plain causal attention."""
+        """mask_B1TT: bool keep-mask from build_attention_mask, or None for plain causal attention.
+
+        kv_cache (generation only): the new keys/values are stored there and the queries attend over every
+        cached slot, so mask_B1TT is then the cache's [B, 1, T, slots] mask (never None)."""
         B, T, _ = x_BTD.shape
         q_BTHDh = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim)
         k_BTKDh = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
@@ -223,6 +231,8 @@ class Attention(nn.Module):
             k_BTKDh = self.k_norm(k_BTKDh)
         q_BHTDh, k_BKTDh = apply_rotary(q_BTHDh.transpose(1, 2), k_BTKDh.transpose(1, 2), cos_BTDh, sin_BTDh)
         v_BKTDh = v_BTKDh.transpose(1, 2)
+        if kv_cache is not None:  # keys/values of all cached slots from here on (T -> S keys)
+            k_BKTDh, v_BKTDh = kv_cache.update(k_BKTDh, v_BKTDh)
         enable_gqa = self.num_kv_heads != self.num_heads
         scale = self.scale
         if mask_B1TT is None:
@@ -278,6 +288,8 @@ class TransformerBlock(nn.Module):
         cos_BTDh: torch.Tensor,
         sin_BTDh: torch.Tensor,
         mask_B1TT: torch.Tensor | None,
+        kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), cos_BTDh, sin_BTDh, mask_B1TT)
+        attn_in_BTD = self.attention_norm(x_BTD)
+        h_BTD = x_BTD + self.attention(attn_in_BTD, cos_BTDh, sin_BTDh, mask_B1TT, kv_cache=kv_cache)
         return h_BTD + self.mlp(self.mlp_norm(h_BTD))

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from posttrain.errors import ModelError
 from posttrain.models.components import RMSNorm, RotaryEmbedding, build_attention_mask
+
+if TYPE_CHECKING:
+    from posttrain.models.kv_cache import KVCache
 
 
 class DecoderLM(nn.Module):
@@ -28,7 +31,8 @@ class DecoderLM(nn.Module):
     RoPE base of its own per kind) is data: `layer_types[i]` names layer i's attention kind, `rotary` is
     one RotaryEmbedding shared by all layers or a dict keyed by layer type, and layers of kind
     "sliding_attention" see at most `sliding_window` keys. A block is called as
-    block(x_BTD, cos_BTDh, sin_BTDh, mask_B1TT) with the tables and mask of its kind.
+    block(x_BTD, cos_BTDh, sin_BTDh, mask_B1TT) with the tables and mask of its kind; in generation also
+    with `kv_cache=` its layer's slice of a KVCache.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class DecoderLM(nn.Module):
         *,
         return_hidden_states: bool = False,
         head_fn: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+        kv_cache: KVCache | None = None,
     ) -> Any:
         """Final-normed hidden states h_BTD, or head_fn(h_BTD, output_weight()) when given.
 
@@ -77,20 +82,33 @@ class DecoderLM(nn.Module):
         position_ids_BT defaults to arange(T) per row; doc_ids_BT (int, same shape) restricts attention to
         tokens of the same document (packing). With return_hidden_states=True also return
         [embeddings, block 0 output, ..., block L-1 output] for locating numerical divergence.
+
+        kv_cache (generation, see kv_cache.py): input_ids_BT are only the new tokens; they are appended to
+        the cache and attend over every cached token. position_ids_BT then defaults to the slot indices.
         """
         B, T = input_ids_BT.shape
         x_BTD = self.embed(input_ids_BT)
+        offset = 0
+        if kv_cache is not None:
+            offset = kv_cache.length
+            kv_cache.begin_step(doc_ids_BT, T)
         if position_ids_BT is None:
-            position_ids_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
+            position_ids_BT = torch.arange(offset, offset + T, device=input_ids_BT.device).expand(B, T)
         per_type = {}  # layer type -> (cos, sin, mask), computed once per kind, not per layer
         for layer_type in dict.fromkeys(self.layer_types):
             rotary = self.rotary[layer_type] if isinstance(self.rotary, nn.ModuleDict) else self.rotary
             window = self.sliding_window if layer_type == "sliding_attention" else None
-            mask = build_attention_mask(doc_ids_BT, T, window, device=input_ids_BT.device)
+            if kv_cache is None:
+                mask = build_attention_mask(doc_ids_BT, T, window, device=input_ids_BT.device)
+            else:
+                mask = kv_cache.attention_mask(window)
             per_type[layer_type] = (*rotary(x_BTD, position_ids_BT), mask)
         hidden: list[torch.Tensor] = [x_BTD]
-        for layer, layer_type in zip(self.layers, self.layer_types):
-            x_BTD = layer(x_BTD, *per_type[layer_type])
+        for i, (layer, layer_type) in enumerate(zip(self.layers, self.layer_types)):
+            if kv_cache is None:
+                x_BTD = layer(x_BTD, *per_type[layer_type])
+            else:
+                x_BTD = layer(x_BTD, *per_type[layer_type], kv_cache=kv_cache.layers[i])
             if return_hidden_states:
                 hidden.append(x_BTD)
         h_BTD = self.norm(x_BTD)

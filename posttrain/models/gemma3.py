@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,9 @@ from posttrain.errors import ModelError
 from posttrain.models import decoder
 from posttrain.models.components import Attention, RotaryEmbedding, SwiGLU
 from posttrain.models.decoder import DecoderLM
+
+if TYPE_CHECKING:
+    from posttrain.models.kv_cache import LayerKVCache
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -90,8 +93,10 @@ class Gemma3Block(nn.Module):
         cos_BTDh: torch.Tensor,
         sin_BTDh: torch.Tensor,
         mask_B1TT: torch.Tensor | None,
+        kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        attn_BTD = self.attention(self.attention_norm(x_BTD), cos_BTDh, sin_BTDh, mask_B1TT)
+        attn_in_BTD = self.attention_norm(x_BTD)
+        attn_BTD = self.attention(attn_in_BTD, cos_BTDh, sin_BTDh, mask_B1TT, kv_cache=kv_cache)
         h_BTD = x_BTD + self.post_attention_norm(attn_BTD)
         return h_BTD + self.post_mlp_norm(self.mlp(self.mlp_norm(h_BTD)))
 

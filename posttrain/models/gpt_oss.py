@@ -15,14 +15,14 @@ is pinned by tests/parity/test_gpt_oss_logits.py.
 
 Shape legend:
     B batch   T tokens per row   D hidden_size   H query heads   K kv heads   Dh head_dim
-    N tokens (B*T flattened)   E experts   k experts per token   F expert width (intermediate_size)
+    S keys (T; in generation every cached slot)   N tokens (B*T flattened)   E experts   k experts per token   F expert width (intermediate_size)
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ from posttrain.models import decoder
 from posttrain.models.components import Attention, RMSNorm, RotaryEmbedding, TransformerBlock, apply_rotary
 from posttrain.models.decoder import DecoderLM
 from posttrain.models.moe import model_aux_loss
+
+if TYPE_CHECKING:
+    from posttrain.models.kv_cache import LayerKVCache
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -298,28 +301,34 @@ class SinkAttention(Attention):
         cos_BTDh: torch.Tensor,
         sin_BTDh: torch.Tensor,
         mask_B1TT: torch.Tensor | None,
+        kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        """mask_B1TT: bool keep-mask from build_attention_mask, or None for plain causal attention."""
+        """mask_B1TT: bool keep-mask from build_attention_mask, or None for plain causal attention.
+
+        kv_cache: as Attention.forward's (keys become every cached slot, S of them; T == S without one)."""
         B, T, _ = x_BTD.shape
         H, K, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         q_BHTDh = self.q_proj(x_BTD).view(B, T, H, Dh).transpose(1, 2)
         k_BKTDh = self.k_proj(x_BTD).view(B, T, K, Dh).transpose(1, 2)
         v_BKTDh = self.v_proj(x_BTD).view(B, T, K, Dh).transpose(1, 2)
         q_BHTDh, k_BKTDh = apply_rotary(q_BHTDh, k_BKTDh, cos_BTDh, sin_BTDh)
+        if kv_cache is not None:
+            k_BKTDh, v_BKTDh = kv_cache.update(k_BKTDh, v_BKTDh)
+        S = k_BKTDh.shape[2]  # keys: T, or every cached slot
         # Repeat K/V to H heads exactly as HF's repeat_kv (expand + reshape), so the matmuls are HF's.
-        k_BHTDh = k_BKTDh[:, :, None].expand(B, K, H // K, T, Dh).reshape(B, H, T, Dh)
-        v_BHTDh = v_BKTDh[:, :, None].expand(B, K, H // K, T, Dh).reshape(B, H, T, Dh)
-        scores_BHTT = torch.matmul(q_BHTDh, k_BHTDh.transpose(2, 3)) * self.scale
+        k_BHSDh = k_BKTDh[:, :, None].expand(B, K, H // K, S, Dh).reshape(B, H, S, Dh)
+        v_BHSDh = v_BKTDh[:, :, None].expand(B, K, H // K, S, Dh).reshape(B, H, S, Dh)
+        scores_BHTS = torch.matmul(q_BHTDh, k_BHSDh.transpose(2, 3)) * self.scale
         if mask_B1TT is None:
             mask_B1TT = torch.ones(T, T, dtype=torch.bool, device=x_BTD.device).tril()[None, None]
-        scores_BHTT = scores_BHTT.masked_fill(~mask_B1TT, torch.finfo(scores_BHTT.dtype).min)
+        scores_BHTS = scores_BHTS.masked_fill(~mask_B1TT, torch.finfo(scores_BHTS.dtype).min)
         # Under tensor parallel `sinks` is sharded by head (a DTensor); this rank uses its own heads'.
         sinks_H = self.sinks.to_local() if hasattr(self.sinks, "to_local") else self.sinks
-        sinks_BHT1 = sinks_H.reshape(1, H, 1, 1).expand(B, H, T, 1).to(scores_BHTT.dtype)
-        logits = torch.cat([scores_BHTT, sinks_BHT1], dim=-1)
+        sinks_BHT1 = sinks_H.reshape(1, H, 1, 1).expand(B, H, T, 1).to(scores_BHTS.dtype)
+        logits = torch.cat([scores_BHTS, sinks_BHT1], dim=-1)
         logits = logits - logits.max(dim=-1, keepdim=True).values  # HF's overflow guard (bf16)
-        probs_BHTT = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1].to(v_BHTDh.dtype)
-        out_BTHDh = torch.matmul(probs_BHTT, v_BHTDh).transpose(1, 2).reshape(B, T, H * Dh)
+        probs_BHTS = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1].to(v_BHSDh.dtype)
+        out_BTHDh = torch.matmul(probs_BHTS, v_BHSDh).transpose(1, 2).reshape(B, T, H * Dh)
         return self.o_proj(out_BTHDh)
 
 
