@@ -21,11 +21,22 @@ losses need:
 
   doc_index    [B, T]  the document's index in doc_lens (-1 on padding)
   doc_roles    [N]     0 = chosen, 1 = rejected (a pair's two documents are adjacent), -1 = plain
+  ref_logps    [N]     fp32 precomputed reference log-probability of each document (NaN for plain
+                       ones); only when every pair in the batch carries them
+
+Batches whose every sample carries offline teacher top-k rows (distillation records) also carry:
+
+  teacher_topk_ids       [L, K]  int64, row l = the teacher's top-k ids for the l-th loss position
+  teacher_topk_logprobs  [L, K]  fp32, their stored log-probabilities
+                                 (L = (targets != -100).sum(), loss positions in row-major [B, T] order:
+                                 what topk_distill_loss reads; a sample with fewer than K candidates is
+                                 padded with id 0 at log-probability -inf, which contributes nothing)
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -102,13 +113,31 @@ class BestFitPacker:
 
 
 def rows_to_state(rows: Sequence[Row]) -> list:
-    """Rows as plain data for a checkpoint: [[(input_ids, labels, source, parts), ...], ...]."""
-    return [[(s.input_ids, s.labels, s.source, list(s.parts)) for s in row] for row in rows]
+    """Rows as plain data for a checkpoint: [[(input_ids, labels, source, parts, topk_ids,
+    topk_logprobs, ref_logps), ...], ...] (the top-k entries are numpy arrays or None)."""
+    return [
+        [
+            (s.input_ids, s.labels, s.source, list(s.parts), s.topk_ids, s.topk_logprobs, list(s.ref_logps))
+            for s in row
+        ]
+        for row in rows
+    ]
 
 
 def rows_from_state(state: list) -> list[Row]:
+    # Checkpoints written before top-k and reference fields existed hold 3- or 4-tuples.
     return [
-        [Sample(list(s[0]), list(s[1]), s[2], tuple(s[3]) if len(s) > 3 else ()) for s in row]
+        [
+            Sample(
+                list(s[0]),
+                list(s[1]),
+                s[2],
+                tuple(s[3]) if len(s) > 3 else (),
+                *(s[4:6] if len(s) > 5 else (None, None)),
+                tuple(s[6]) if len(s) > 6 else (),
+            )
+            for s in row
+        ]
         for row in state
     ]
 
@@ -133,6 +162,7 @@ def collate(rows: Sequence[Row], pad_id: int, row_len: int | None = None) -> dic
     doc_lens: list[int] = []
     doc_in_row: list[int] = []
     roles: list[int] = []
+    ref: list[float] = []
     for row in rows:
         d = 0
         for sample in row:
@@ -145,6 +175,7 @@ def collate(rows: Sequence[Row], pad_id: int, row_len: int | None = None) -> dic
                 doc_lens.append(n)
                 doc_in_row.append(d)
                 roles.append(role)
+                ref.append(sample.ref_logps[role] if sample.ref_logps else math.nan)
                 start, d = start + n, d + 1
     lens = np.asarray(doc_lens, dtype=np.int64)
     starts = np.cumsum(lens) - lens  # flat start of every document
@@ -180,4 +211,32 @@ def collate(rows: Sequence[Row], pad_id: int, row_len: int | None = None) -> dic
             offset += n
         batch["doc_index"] = torch.from_numpy(index)
         batch["doc_roles"] = torch.tensor(roles, dtype=torch.int64)
-    return batch
+        if all(s.ref_logps for row in rows for s in row if s.parts):
+            batch["ref_logps"] = torch.tensor(ref, dtype=torch.float32)
+    return batch | collate_topk(rows)
+
+
+def collate_topk(rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+    """teacher_topk_ids / teacher_topk_logprobs of the rows' loss positions (see the module
+    docstring); {} unless every sample carries top-k rows.
+
+    A document's loss positions are j = start .. start + n - 2 with labels[j + 1] bearing loss (the
+    shift collate applies), and the teacher row for target labels[j + 1] is the sample's row j + 1."""
+    samples = [s for row in rows for s in row]
+    if not samples or any(s.topk_ids is None for s in samples):
+        return {}
+    K = max(s.topk_ids.shape[1] for s in samples)
+    ids, logps = [], []
+    for s in samples:
+        labels = np.asarray(s.labels, dtype=np.int64)
+        start = 0
+        for n in s.parts or (len(s.input_ids),):
+            at = start + 1 + np.flatnonzero(labels[start + 1 : start + n] != IGNORE)
+            pad = ((0, 0), (0, K - s.topk_ids.shape[1]))
+            ids.append(np.pad(s.topk_ids[at], pad, constant_values=0))
+            logps.append(np.pad(s.topk_logprobs[at], pad, constant_values=-np.inf))
+            start += n
+    return {
+        "teacher_topk_ids": torch.from_numpy(np.concatenate(ids).astype(np.int64)),
+        "teacher_topk_logprobs": torch.from_numpy(np.concatenate(logps).astype(np.float32)),
+    }

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from posttrain.config import DataConfig, source_name
 from posttrain.data.mixing import Mixer
 from posttrain.data.packing import BestFitPacker, Row, rows_from_state, rows_to_state
-from posttrain.data.samples import Sample, render_record
+from posttrain.data.samples import Annotate, Sample, render_record
 from posttrain.data.sources import SourceStream
 
 
@@ -37,8 +37,10 @@ class Pipeline:
         packing: bool = True,
         open_rows: int = 16,
         rows_per_step: int = 1,
+        annotate: Annotate | None = None,
     ):
         self.streams, self.renders, self.mixer = streams, renders, mixer
+        self.annotate = annotate  # a recipe's per-sample check/completion (see samples.Annotate)
         self.row_len, self.overlong, self.packing = row_len, overlong, packing
         self.rows_per_step = max(1, rows_per_step)
         self.packer = BestFitPacker(row_len, open_rows)
@@ -59,7 +61,9 @@ class Pipeline:
             if item is None:
                 self.active[i] = False
                 continue
-            return render_record(self.streams[i], item, self.renders[i], self.row_len, self.overlong)
+            return render_record(
+                self.streams[i], item, self.renders[i], self.row_len, self.overlong, self.annotate
+            )
         return None
 
     def next_row(self) -> Row | None:
@@ -131,8 +135,10 @@ def build_pipeline(
     num_shards: int = 1,
     rows_per_step: int = 1,
     default_epochs: int | None = None,
+    annotate: Annotate | None = None,
 ) -> Pipeline:
-    """The pipeline of `data.train` for one shard; `default_epochs` for sources that set none."""
+    """The pipeline of `data.train` for one shard; `default_epochs` for sources that set none;
+    `annotate` checks or completes every rendered sample (e.g. with precomputed reference log-probs)."""
     from posttrain.data.schemas import renderer
 
     sources = data.train_sources
@@ -160,4 +166,5 @@ def build_pipeline(
         packing=data.packing,
         open_rows=data.pack_open_rows,
         rows_per_step=rows_per_step,
+        annotate=annotate,
     )

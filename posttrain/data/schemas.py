@@ -14,6 +14,7 @@ which `on_error: skip` counts it. Formats and their fields:
   rl_prompt          messages or prompt, answer: str | number, metadata?: {...} (what a reward needs)
   distill            messages or prompt, completion: str (the teacher's),
                      teacher_topk?: {ids: [[int] * k] * T, logprobs: [[float] * k] * T}
+                     (T = the completion's loss-bearing tokens; see posttrain/data/topk.py)
 
 SFT and pretraining render the first four into token samples (`renderer`); the other three are
 validated into small dataclasses (`validate`) for the DPO, GRPO and distillation recipes.
@@ -186,10 +187,6 @@ def validate(fmt: str, obj: dict) -> Any:
     return check(obj)
 
 
-def _distill_messages(record: DistillRecord) -> list[dict]:
-    return [*record.messages, {"role": "assistant", "content": record.completion}]
-
-
 def renderer(fmt: str, tokenizer, mask: str) -> Callable[[dict], tuple[list[int], list[int]]]:
     """The function that turns one record of an SFT/pretraining format into (input_ids, labels)."""
     if fmt == "chat":
@@ -204,10 +201,10 @@ def renderer(fmt: str, tokenizer, mask: str) -> Callable[[dict], tuple[list[int]
         from posttrain.data.pairs import render_pair
 
         return lambda obj: render_pair(tokenizer, obj)
-    if fmt == "distill":  # the teacher's completion as the assistant turn (online distillation)
-        return lambda obj: tokenizer.render_chat(
-            _distill_messages(validate("distill", obj)), mask="last_assistant"
-        )
+    if fmt == "distill":  # the teacher's completion as the assistant turn, with any stored teacher top-k
+        from posttrain.data.topk import render_distill
+
+        return lambda obj: render_distill(tokenizer, obj)
     raise DataError(
         f"format {fmt!r} does not render to training tokens (SFT formats: {', '.join(SFT_FORMATS)})"
     )

@@ -2,6 +2,9 @@
 rejected answers relative to a frozen reference (TRL's sigmoid / cDPO / IPO losses).
 
 Read `train()` top to bottom: world -> tokenizer -> pairs -> policy + reference -> trainer -> export.
+The reference is a frozen copy of the starting weights, the policy with its LoRA adapters off, or
+log-probabilities precomputed by `posttrain precompute-reference` and attached to each pair as it is
+rendered (posttrain/data/reference.py): then no reference model is built at all.
 A preference pair is one packed sample holding its two documents (posttrain/data/pairs.py), so a
 row never splits a pair; the loss reads per-document log-probabilities out of packed rows. The
 trainer normalises by pairs (its loss units), so accumulation and data parallelism stay exact.
@@ -12,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.config import JobConfig
+from posttrain.data.reference import ReferenceLogps, reference_identity
 from posttrain.errors import ConfigError
 from posttrain.models import lora
 from posttrain.models.build import build_model_for
@@ -52,6 +56,17 @@ def doc_logprobs(model, batch: dict, *, average: bool, chunk_size, num_real_voca
         )
 
     return model(batch["input_ids"], batch["position_ids"], batch.get("doc_ids"), head_fn=head)
+
+
+def precomputed_reference(batch: dict, average: bool) -> torch.Tensor:
+    """The stored per-document reference log-probabilities; IPO's length average divides by each
+    document's loss-token count, as `sequence_logprobs(average=True)` does."""
+    ref = batch["ref_logps"]
+    if not average:
+        return ref
+    keep = batch["targets"] != -100
+    counts = torch.bincount(batch["doc_index"][keep], minlength=ref.numel()).to(ref.dtype)
+    return ref / counts.clamp(min=1.0)
 
 
 def dpo_loss_fn(cfg: JobConfig, reference, num_real_vocab: int):
@@ -112,9 +127,16 @@ def _train(cfg: JobConfig, world) -> dict:
 
     # 1. Tokenizer and preference pairs (one packed sample per pair).
     tokenizer = build_tokenizer(cfg.tokenizer)
-    loader, eval_samples, eval_skips = load_data(cfg, world, tokenizer)
+    precomputed = None
+    if cfg.dpo.reference == "precomputed":  # attached to every pair as it is rendered
+        identity = reference_identity(cfg.model, cfg.tokenizer, cfg.seed)
+        precomputed = ReferenceLogps.load(cfg.dpo.reference_logps, identity)
+    loader, eval_samples, eval_skips = load_data(
+        cfg, world, tokenizer, annotate=precomputed.attach if precomputed else None
+    )
 
-    # 2. Policy and reference: a frozen copy of the starting model, or the policy with adapters off.
+    # 2. Policy and reference: a frozen copy of the starting model, the policy with adapters off, or
+    #    the precomputed log-probabilities.
     built = build_model_for(cfg.model, tokenizer, cfg.seed, world=world, parallelism=cfg.parallelism)
     print_notes(built, world)
     policy = built.module
@@ -124,6 +146,8 @@ def _train(cfg: JobConfig, world) -> dict:
         ).module
         ref_model.requires_grad_(False).eval()
         reference = lambda batch, kw: doc_logprobs(ref_model, batch, **kw)  # noqa: E731
+    elif cfg.dpo.reference == "precomputed":
+        reference = lambda batch, kw: precomputed_reference(batch, kw["average"])  # noqa: E731
     else:
 
         def reference(batch, kw):
