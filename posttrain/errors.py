@@ -22,3 +22,7 @@ class DataError(PosttrainError):
 
 class ModelError(PosttrainError):
     """A model or tokenizer that cannot be loaded, or one that fails verification."""
+
+
+class TrackerError(PosttrainError):
+    """An experiment tracker that cannot start (package missing, tracking URI unreachable)."""

@@ -25,9 +25,15 @@ def _prompt_ids(tokenizer: Tokenizer, row: dict, prompt_format: str) -> list[int
 
 
 def exact_match_accuracy(
-    model, tokenizer: Tokenizer, rows: list[dict], *, prompt_format: str = "chat", max_new_tokens: int = 24
+    model,
+    tokenizer: Tokenizer,
+    rows: list[dict],
+    *,
+    prompt_format: str = "chat",
+    max_new_tokens: int = 24,
+    progress: str = "quiet",
 ) -> dict:
-    """{"accuracy": overall, "accuracy/<task>": per task, "num": count}."""
+    """{"accuracy": overall, "accuracy/<task>": per task, "num": count}. progress: a progress mode."""
     prompts = [_prompt_ids(tokenizer, row, prompt_format) for row in rows]
     # Text prompts end where the answer's line ends: the document separator or eos.
     stops = [tokenizer.end_of_turn_id, tokenizer.eos_id, tokenizer.doc_sep_id]
@@ -38,6 +44,7 @@ def exact_match_accuracy(
         stop_ids=stops,
         pad_id=tokenizer.pad_id,
         num_real_vocab=tokenizer.vocab_size,
+        progress=progress,
     )
     hits: dict[str, list[bool]] = defaultdict(list)
     for row, out in zip(rows, outs):

@@ -24,8 +24,13 @@ def greedy_generate(
     pad_id: int,
     num_real_vocab: int,
     batch_size: int = 64,
+    progress: str = "quiet",
 ) -> list[list[int]]:
-    """Greedy continuations of each prompt (without the prompt), each ending at a stop id."""
+    """Greedy continuations of each prompt (without the prompt), each ending at a stop id.
+    progress: a progress mode (posttrain/metrics/progress.py), counted in prompts."""
+    from posttrain.metrics.progress import Progress
+
+    shown = Progress(len(prompts), "generate", progress, unit="prompts")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -61,5 +66,7 @@ def greedy_generate(
                 if t in stop_ids:
                     break
             outputs.append(out)
+        shown.advance(len(chunk))
+    shown.close()
     model.train(was_training)
     return outputs

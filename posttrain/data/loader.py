@@ -190,13 +190,20 @@ class TrainLoader:
             for i, (name, (_, skips)) in enumerate(zip(self.names, self._current()[0]))
         }
 
-    def count_rows(self) -> int:
-        """Rows until every source has run its epochs (a dry run of a fresh pipeline)."""
+    def count_rows(self, progress: str = "quiet") -> int:
+        """Rows until every source has run its epochs (a dry run of a fresh pipeline). The total is
+        what this finds out, so its progress shows the count and rate, not an ETA."""
+        from posttrain.metrics.progress import Progress
+
         dry, rows = self.build(), 0
         if not all(s.epochs is not None for s in dry.streams):
             raise DataError("counting rows needs every data.train source to have a number of epochs")
-        while dry.next_row() is not None:
-            rows += 1
+        with Progress(None, "data: count rows", progress, unit="rows") as shown:
+            while dry.next_row() is not None:
+                rows += 1
+                if rows % 256 == 0:
+                    shown.update(rows)
+            shown.update(rows)
         return rows
 
     def _current(self) -> tuple:

@@ -1,7 +1,8 @@
-"""The always-on tracker: one JSON object per optimizer step in `OUTPUT/metrics.jsonl`.
+"""The always-on tracker: one JSON object per optimizer step in `OUTPUT/metrics.jsonl`, and one per
+evaluation (`{"step": s, "eval_loss": ..., ...}`: eval rows carry `eval_*` keys and no `loss`).
 
-Other trackers (TensorBoard, MLflow, W&B) follow the same small protocol and are imported only
-when a config asks for them.
+It follows the small `Tracker` protocol of posttrain/metrics/trackers.py; the other trackers
+(TensorBoard, MLflow, W&B) are imported only when `metrics.trackers` lists them.
 """
 
 from __future__ import annotations
@@ -9,12 +10,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Protocol
-
-
-class Tracker(Protocol):
-    def log(self, metrics: dict, step: int) -> None: ...
-    def close(self) -> None: ...
 
 
 def _clean(value):
@@ -38,13 +33,30 @@ class JsonlTracker:
         for record in kept:
             self._f.write(json.dumps(record) + "\n")
 
-    def log(self, metrics: dict, step: int) -> None:
+    def log_config(self, config: dict) -> None:
+        """Nothing to do: the resolved config is already OUTPUT/config.yaml."""
+
+    def log_metrics(self, step: int, metrics: dict) -> None:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
 
+    def log_eval(self, step: int, metrics: dict) -> None:
+        self.log_metrics(step, metrics)
+
+    def log_artifact(self, name: str, path: Path) -> None:
+        """Nothing to do: summary.json records where the artifacts are."""
+
+    def finish(self, status: str = "finished") -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    # The first API (kept for callers written against it): log(metrics, step), close().
+    def log(self, metrics: dict, step: int) -> None:
+        self.log_metrics(step, metrics)
+
     def close(self) -> None:
-        self._f.close()
+        self.finish()
 
 
 def read_jsonl(path: Path) -> list[dict]:

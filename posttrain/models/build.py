@@ -70,12 +70,15 @@ def build_model_for(
     world: Any = None,
     parallelism: Any = None,
     score_head: str | None = None,
+    task_heads: dict[str, int] | None = None,
 ) -> BuiltModel:
     """Load `model.path` or build `model.arch`, apply the vocabulary, LoRA and freezing options, add a
-    scalar `score_head` (reward models; kept if the checkpoint has one), then the parallelism section
-    (`world`, `parallelism`: posttrain.parallel; None = one process as is)."""
+    scalar `score_head` (reward models; kept if the checkpoint has one) and `task_heads` (name -> outputs:
+    ScoreHeads saved beside the HF export, e.g. the event model's; kept if the checkpoint has them), then
+    the parallelism section (`world`, `parallelism`: posttrain.parallel; None = one process as is)."""
     if parallelism is None or world is None:
-        return _with_head(_build_single_device(cfg, tokenizer, seed), score_head, seed)
+        built = _with_head(_build_single_device(cfg, tokenizer, seed), score_head, seed)
+        return _with_task_heads(built, task_heads or {}, seed)
     from posttrain.parallel.parallelize import parallelize
 
     if world.distributed and cfg.train_new_token_rows_only:
@@ -83,9 +86,10 @@ def build_model_for(
             "model.train_new_token_rows_only is not supported with several processes yet "
             "(its gradient hook does not survive FSDP's parameter swap)"
         )
-    if world.distributed and score_head is None and _can_load_sharded(cfg, tokenizer):
+    if world.distributed and score_head is None and not task_heads and _can_load_sharded(cfg, tokenizer):
         return _build_sharded(cfg, tokenizer, world, parallelism)
     built = _with_head(_build_single_device(cfg, tokenizer, seed), score_head, seed)
+    built = _with_task_heads(built, task_heads or {}, seed)
     if world.distributed:
         built.twin = meta_twin(built.module)
         built.world = world
@@ -109,6 +113,25 @@ def _with_head(built: BuiltModel, name: str | None, seed: int) -> BuiltModel:
         add_head(built.module, name, ScoreHead(built.module.output_weight().shape[1], 1))
         built.notes.append(f"added a scalar head {name!r} (exported as the sequence-classification score)")
     built.classifier_head = name
+    return built
+
+
+def _with_task_heads(built: BuiltModel, sizes: dict[str, int], seed: int) -> BuiltModel:
+    """Attach a ScoreHead per name (seeded init) unless the loaded checkpoint brought one of that size."""
+    from posttrain.models.heads import ScoreHead, add_head
+
+    existing = getattr(built.module, "heads", {})
+    for i, (name, num_outputs) in enumerate(sizes.items()):
+        if name in existing:
+            if existing[name].num_outputs != num_outputs:
+                raise ConfigError(
+                    f"the checkpoint's head {name!r} has {existing[name].num_outputs} outputs, the job needs "
+                    f"{num_outputs}"
+                )
+            continue
+        torch.manual_seed(seed + 1 + i)
+        add_head(built.module, name, ScoreHead(built.module.output_weight().shape[1], num_outputs))
+        built.notes.append(f"added a head {name!r} with {num_outputs} outputs")
     return built
 
 
@@ -254,11 +277,11 @@ def flops_fn_for(built: BuiltModel) -> Callable[[list[int], int], float]:
     )
 
 
-def export_hf(built: BuiltModel, tokenizer: Tokenizer, out_dir: Path) -> Path | None:
+def export_hf(built: BuiltModel, tokenizer: Tokenizer, out_dir: Path, progress: str = "quiet") -> Path | None:
     """See `_export_hf`. Distributed: every rank takes part in gathering the full state; rank 0 loads it
-    into the unsharded twin and writes the export (other ranks return None)."""
+    into the unsharded twin and writes the export (other ranks return None). progress: rank 0's mode."""
     if built.world is None or not built.world.distributed:
-        return _export_hf(built, tokenizer, out_dir)
+        return _export_hf(built, tokenizer, out_dir, progress)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(
@@ -271,14 +294,14 @@ def export_hf(built: BuiltModel, tokenizer: Tokenizer, out_dir: Path) -> Path | 
         if hasattr(twin, "rebuild_buffers"):
             twin.rebuild_buffers()
         plain = dataclasses.replace(built, module=twin, world=None, twin=None)
-        path = _export_hf(plain, tokenizer, out_dir)
+        path = _export_hf(plain, tokenizer, out_dir, progress)
         built.notes[:] = plain.notes
         built.twin = twin.to("meta")  # release the gathered copy
     built.world.barrier()
     return path
 
 
-def _export_hf(built: BuiltModel, tokenizer: Tokenizer, out_dir: Path) -> Path:
+def _export_hf(built: BuiltModel, tokenizer: Tokenizer, out_dir: Path, progress: str = "quiet") -> Path:
     """OUTPUT/hf: weights (LoRA merged, vocabulary trimmed), config.json, generation_config.json, tokenizer.
 
     With LoRA also OUTPUT/adapter, a PEFT adapter for the base model at model.path (not for adapters on
@@ -314,7 +337,13 @@ def _export_hf(built: BuiltModel, tokenizer: Tokenizer, out_dir: Path) -> Path:
             )
         else:
             save_pretrained(
-                built.module, config, out_dir, token_ids=ids, generation_config=gen, state_dict=sd
+                built.module,
+                config,
+                out_dir,
+                token_ids=ids,
+                generation_config=gen,
+                state_dict=sd,
+                progress=progress,
             )
         expert_adapters = [name for name in lora.lora_modules(built.module) if ".experts." in name]
         if expert_adapters:

@@ -155,13 +155,17 @@ def save_pretrained(
     generation_config: dict[str, Any] | None = None,
     token_ids: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    progress: str = "quiet",
 ) -> Path:
     """Write config.json (+ generation_config.json) and safetensors weights with HF names.
 
     token_ids: optional {"bos_token_id", "eos_token_id", "pad_token_id"} written into config.json.
     state_dict: what to write instead of model.state_dict() (e.g. LoRA merged into the weights).
-    Tied models omit lm_head.weight, as HF does. Returns out_dir.
+    Tied models omit lm_head.weight, as HF does. progress: a progress mode (MiB written, per shard).
+    Returns out_dir.
     """
+    from posttrain.metrics.progress import Progress
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_type = config.to_hf_dict()["model_type"]
@@ -184,15 +188,19 @@ def save_pretrained(
     # Remove weights of an earlier save so a loader never mixes the two layouts.
     for stale in [out_dir / SINGLE_FILE, out_dir / INDEX_FILE, *out_dir.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)
-    if len(shards) == 1:
-        _write_shard(hf_sd, shards[0], dtype, out_dir / SINGLE_FILE)
-        return out_dir
-    weight_map: dict[str, str] = {}
-    for i, names in enumerate(shards):
-        file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_shard(hf_sd, names, dtype, out_dir / file_name)
-        weight_map.update({name: file_name for name in names})
     total_size = sum(t.numel() * dtype.itemsize for t in hf_sd.values())
+    mib = lambda names: round(sum(hf_sd[n].numel() * dtype.itemsize for n in names) / 2**20, 1)  # noqa: E731
+    with Progress(mib(hf_sd), f"export {out_dir.name}", progress, unit="MiB") as shown:
+        if len(shards) == 1:
+            _write_shard(hf_sd, shards[0], dtype, out_dir / SINGLE_FILE)
+            shown.advance(mib(shards[0]))
+            return out_dir
+        weight_map: dict[str, str] = {}
+        for i, names in enumerate(shards):
+            file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _write_shard(hf_sd, names, dtype, out_dir / file_name)
+            weight_map.update({name: file_name for name in names})
+            shown.advance(mib(names))
     index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return out_dir

@@ -87,9 +87,14 @@ def save_checkpoint(
     rank_state: dict,
     config_yaml: str,
     keep_last: int,
+    progress: str = "quiet",
 ) -> Path:
-    """Write checkpoint `step` from every rank (a collective call), atomically; prune old ones."""
+    """Write checkpoint `step` from every rank (a collective call), atomically; prune old ones.
+    `progress`: a progress mode for rank 0 (posttrain/metrics/progress.py), in parts written."""
+    from posttrain.metrics.progress import Progress
+
     rank = _rank()
+    shown = Progress(3, f"checkpoint step {step}", progress if rank == 0 else "quiet", unit="parts")
     final, tmp = root / f"{PREFIX}{step:06d}", root / f".tmp_{PREFIX}{step:06d}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -102,11 +107,13 @@ def save_checkpoint(
     with warnings.catch_warnings():  # single process: DCP notes it runs without a process group
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         dcp.save(state, checkpoint_id=str(tmp))
+    shown.advance()  # model and optimizer shards
     torch.save({"rng": rng_state(), **rank_state}, tmp / f"rank_{rank}.pt")
     fault_point("checkpoint_write", step)
     if rank == 0:
         torch.save(trainer_state, tmp / TRAINER_FILE)
         (tmp / "config.yaml").write_text(config_yaml)
+    shown.advance()  # trainer, data and RNG state
     _barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -114,6 +121,8 @@ def save_checkpoint(
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
+    shown.advance()  # renamed into place
+    shown.close()
     return final
 
 

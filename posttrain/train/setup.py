@@ -4,6 +4,7 @@ and the run summary. Each takes only the config section it needs."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from posttrain.config import DataConfig, TokenizerConfig, TrainingConfig, gradient_accumulation_steps
 from posttrain.data.loader import TrainLoader, eval_batches
 from posttrain.data.pipeline import build_pipeline
-from posttrain.data.samples import Sample
+from posttrain.data.samples import Annotate, Sample
 from posttrain.data.tokenizer import Tokenizer
 from posttrain.errors import ConfigError
 from posttrain.train.losses import chunked_cross_entropy
@@ -32,14 +33,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def total_steps_for(training: TrainingConfig, loader: TrainLoader, world=None) -> int:
+def total_steps_for(
+    training: TrainingConfig, loader: TrainLoader, world=None, progress: str = "quiet"
+) -> int:
     """max_steps as given, or the optimizer steps that num_epochs of packed rows make.
 
     With per-rank shards (data.shard_by=samples) each rank counts its own rows and the run takes the
     smallest count, so no rank waits for a step the others never take."""
     if training.max_steps is not None:
         return training.max_steps
-    rows = loader.count_rows()
+    rows = loader.count_rows(progress)
     per_step = training.global_batch_size
     if loader.state_is_per_rank and world is not None:
         per_step //= world.dp_size
@@ -62,8 +65,10 @@ def make_loader(
     *,
     rank: int = 0,
     world_size: int = 1,
+    annotate: Annotate | None = None,
 ) -> TrainLoader:
-    """The streaming loader of data.train for data-parallel rank `rank` of `world_size`.
+    """The streaming loader of data.train for data-parallel rank `rank` of `world_size` (`annotate`:
+    a recipe's check or completion of every rendered sample, see posttrain/data/samples.py).
 
     data.shard_by=rows: every rank builds the whole pipeline and keeps its slice of each step's rows;
     samples: the pipeline itself reads only this rank's share of the records."""
@@ -77,6 +82,7 @@ def make_loader(
         num_shards=world_size if by_samples else 1,
         rows_per_step=accum * training.micro_batch_size_per_device * (1 if by_samples else world_size),
         default_epochs=training.num_epochs,
+        annotate=annotate,
     )
     return TrainLoader(
         build,
@@ -127,25 +133,33 @@ def evaluate_loss(
     pad_id: int,
     loss_fn,
     loss_units=None,
+    progress: str = "quiet",
 ) -> dict:
     """Loss and the loss function's metrics over every eval sample, weighted by loss units (tokens by
     default, pairs for preference losses): {"eval_loss", "eval_<metric>"..., "eval_units"}."""
+    from posttrain.metrics.progress import Progress
+
     count = loss_units or (lambda b: int((b["targets"] != -100).sum()))
     was_training = model.training
     model.eval()
     total, units, sums = 0.0, 0, {}
-    for batch in eval_batches(
-        samples,
-        row_len=data.max_tokens_per_pack,
-        micro_batch_size=micro_batch_size,
-        pad_id=pad_id,
-        packing=data.packing,
-    ):
-        loss, metrics = loss_fn(model, batch)
-        total += float(loss)
-        units += count(batch)
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+    batches = list(
+        eval_batches(
+            samples,
+            row_len=data.max_tokens_per_pack,
+            micro_batch_size=micro_batch_size,
+            pad_id=pad_id,
+            packing=data.packing,
+        )
+    )
+    with Progress(len(batches), "eval", progress, unit="batches") as shown:
+        for batch in batches:
+            loss, metrics = loss_fn(model, batch)
+            total += float(loss)
+            units += count(batch)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            shown.advance()
     model.train(was_training)
     out = {"eval_loss": total / max(units, 1), "eval_tokens" if loss_units is None else "eval_units": units}
     return out | {f"eval_{k}": v / max(units, 1) for k, v in sums.items()}
@@ -166,25 +180,44 @@ def in_world(cfg, body):
     """Run body(world) as this process's part of the job: join the process group (a world of one
     without a launcher; the layout is checked against the model's heads before any weight is
     touched), and always leave it."""
+    from posttrain.metrics import runs
     from posttrain.models.build import head_counts
     from posttrain.parallel.world import close_world, init_world
 
     world = init_world(cfg.parallelism, **head_counts(cfg.model))
     try:
-        return body(world)
+        result = body(world)
+    except BaseException as err:  # OUTPUT/status.json says how the job ended (posttrain runs)
+        if world.is_main and Path(cfg.output_dir).is_dir():
+            runs.mark_ended(Path(cfg.output_dir), runs.end_status(err), err)
+        raise
     finally:
         close_world(world)
+    if world.is_main:
+        runs.mark_ended(Path(cfg.output_dir), "finished")
+    return result
+
+
+def progress_mode(cfg, world=None) -> str:
+    """metrics.progress on rank 0, quiet on the other ranks."""
+    main = world.is_main if world is not None else int(os.environ.get("RANK", "0")) == 0
+    return cfg.metrics.progress if main else "quiet"
 
 
 def start_output(cfg, world) -> tuple[Path, str]:
-    """OUTPUT/ and its config.yaml (rank 0 writes); seeds every RNG. Returns (output dir, config YAML)."""
+    """OUTPUT/ with its config.yaml and status.json (rank 0 writes); seeds every RNG; checks that the
+    listed trackers' packages are installed. Returns (output dir, config YAML)."""
     from posttrain.config import dump_job
+    from posttrain.metrics import runs
+    from posttrain.metrics.trackers import check_trackers
 
+    check_trackers(cfg.metrics)
     out = Path(cfg.output_dir)
     config_yaml = dump_job(cfg)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml)
+        runs.mark_started(out, cfg.recipe, world.world_size)
     seed_everything(cfg.seed)
     return out, config_yaml
 
@@ -203,7 +236,7 @@ def make_trainer(cfg, built, loss_fn, loader, world, out: Path, config_yaml: str
         training=cfg.training,
         optim=cfg.optim,
         schedule=cfg.schedule,
-        total_steps=total_steps_for(cfg.training, loader, world),
+        total_steps=total_steps_for(cfg.training, loader, world, progress_mode(cfg, world)),
         grad_accum_steps=gradient_accumulation_steps(cfg.training, world.dp_size),
         output_dir=out,
         config_yaml=config_yaml,
@@ -211,22 +244,32 @@ def make_trainer(cfg, built, loss_fn, loader, world, out: Path, config_yaml: str
         peak_flops_per_s=peak_flops(cfg.metrics.peak_flops_per_s, device),
         progress=cfg.metrics.progress,
         world=world,
+        metrics=cfg.metrics,
         **kwargs,
     )
 
 
-def load_data(cfg, world, tokenizer) -> tuple[TrainLoader, list[Sample], dict]:
-    """(the streaming train loader of this rank, the eval samples, the eval skip counts)."""
+def load_data(
+    cfg, world, tokenizer, annotate: Annotate | None = None
+) -> tuple[TrainLoader, list[Sample], dict]:
+    """(the streaming train loader of this rank, the eval samples, the eval skip counts); `annotate`
+    applies to train and eval samples alike."""
     from posttrain.data.samples import load_samples
 
     loader = make_loader(
-        cfg.data, cfg.training, tokenizer, cfg.seed, rank=world.dp_rank, world_size=world.dp_size
+        cfg.data,
+        cfg.training,
+        tokenizer,
+        cfg.seed,
+        rank=world.dp_rank,
+        world_size=world.dp_size,
+        annotate=annotate,
     )
     if cfg.data.eval is None:
         return loader, [], {}
     d = cfg.data
     samples, skips = load_samples(
-        d.eval, tokenizer, max_len=d.max_tokens_per_pack, overlong=d.overlong, mask=d.mask
+        d.eval, tokenizer, max_len=d.max_tokens_per_pack, overlong=d.overlong, mask=d.mask, annotate=annotate
     )
     return loader, samples, skips
 
@@ -241,19 +284,34 @@ def make_evaluate(model, samples: list[Sample], cfg, tokenizer, loss_fn, loss_un
     if not samples:
         return None
     mb = cfg.training.micro_batch_size_per_device
-    return lambda: evaluate_loss(model, samples, cfg.data, mb, tokenizer.pad_id, loss_fn, loss_units)
+    mode = progress_mode(cfg)
+    return lambda: evaluate_loss(
+        model, samples, cfg.data, mb, tokenizer.pad_id, loss_fn, loss_units, progress=mode
+    )
 
 
 def train_export_summarise(
     cfg, world, built, tokenizer, trainer, loader, timer, evaluate, eval_skips
 ) -> dict:
-    """The end every recipe shares: fit (resuming if asked), export OUTPUT/hf, write summary.json."""
+    """The end every recipe shares: fit (resuming if asked), export OUTPUT/hf, write summary.json,
+    then hand the trackers the artifacts' locations and close them."""
+    from posttrain.metrics.runs import end_status
     from posttrain.models.build import export_hf
 
-    final = trainer.fit(loader, evaluate)
-    loader.close()
-    hf_dir = export_hf(built, tokenizer, Path(cfg.output_dir) / "hf") if cfg.training.export_hf else None
-    return run_summary(cfg, world, built, trainer, loader, timer, hf_dir, eval_skips, final=final)
+    out = Path(cfg.output_dir)
+    try:
+        final = trainer.fit(loader, evaluate)
+        loader.close()
+        mode = progress_mode(cfg, world)
+        hf_dir = export_hf(built, tokenizer, out / "hf", progress=mode) if cfg.training.export_hf else None
+        summary = run_summary(cfg, world, built, trainer, loader, timer, hf_dir, eval_skips, final=final)
+    except BaseException as err:
+        trainer.end_tracking(end_status(err))
+        raise
+    trainer.end_tracking(
+        "finished", {"hf": hf_dir, "summary": out / "summary.json", "config": out / "config.yaml"}
+    )
+    return summary
 
 
 def run_summary(cfg, world, built, trainer, loader, timer, hf_dir, eval_skips: dict, **extra) -> dict:

@@ -10,7 +10,8 @@ default). The trainer owns everything that must never drift between recipes:
 * non-finite detection: a step with a NaN/inf loss or gradient is skipped and counted, and the run
   aborts once `max_nonfinite_steps` is reached;
 * periodic full-state checkpoints and exact resume;
-* metrics per optimizer step (loss, lr, grad norm, tokens/s, MFU, peak memory) and progress.
+* metrics per optimizer step (loss, lr, grad norm, tokens/s, MFU, peak memory) to every tracker of
+  `metrics.trackers` (metrics.jsonl always; see posttrain/metrics/trackers.py), status.json, and progress.
 
 Distributed runs use the same loop. The loss units are summed over data-parallel ranks before any
 backward, and each rank's loss is scaled so that FSDP's gradient average becomes the global
@@ -28,11 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
-from posttrain.config import OptimConfig, ScheduleConfig, TrainingConfig
+from posttrain.config import MetricsConfig, OptimConfig, ScheduleConfig, TrainingConfig
 from posttrain.errors import PosttrainError
-from posttrain.metrics.jsonl import JsonlTracker
+from posttrain.metrics import runs
 from posttrain.metrics.progress import Progress
+from posttrain.metrics.trackers import Trackers, open_trackers
 from posttrain.parallel.parallelize import clip_grad_norm
 from posttrain.parallel.world import World
 from posttrain.train import checkpoint as ckpt
@@ -85,6 +88,7 @@ class Trainer:
         progress: str = "auto",
         loss_units: Callable[[dict], int] = count_loss_tokens,
         world: World | None = None,
+        metrics: MetricsConfig | None = None,  # trackers and progress cadence (default: metrics.jsonl only)
     ):
         self.model, self.loss_fn, self.loss_units = model, loss_fn, loss_units
         self.training, self.optim_cfg, self.schedule = training, optim, schedule
@@ -92,6 +96,8 @@ class Trainer:
         self.output_dir, self.config_yaml = Path(output_dir), config_yaml
         self.flops_fn, self.peak_flops = flops_fn, peak_flops_per_s
         self.progress_mode = progress
+        self.metrics_cfg = metrics or MetricsConfig()
+        self.trackers = Trackers([])  # opened by fit() on rank 0; see end_tracking()
         self.optimizer = build_optimizer(model, optim)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.world = world or World()
@@ -166,13 +172,14 @@ class Trainer:
         ckpt_root = self.output_dir / "checkpoints"
         resumed = self.training.resume and self._resume(loader, ckpt_root)
         main = self.world.is_main
-        tracker = (
-            JsonlTracker(self.output_dir / "metrics.jsonl", resume_step=self.state.step if resumed else None)
-            if main
-            else None
-        )
+        if main:  # a tracker that cannot start fails here, before the first step
+            config = yaml.safe_load(self.config_yaml) or {}
+            resume_step = self.state.step if resumed else None
+            self.trackers = open_trackers(self.metrics_cfg, self.output_dir, config, resume_step)
         mode = self.progress_mode if main else "quiet"
-        progress = Progress(self.total_steps, "train", mode, start=self.state.step)
+        progress = Progress(
+            self.total_steps, "train", mode, every_s=self.metrics_cfg.progress_every_s, start=self.state.step
+        )
         eval_metrics: dict = {}
         try:
             while self.state.step < self.total_steps:
@@ -182,11 +189,13 @@ class Trainer:
                 metrics.update(getattr(loader, "step_metrics", dict)())  # per-source counts, data wait
                 step = self.state.step
                 ckpt.fault_point("train_step", step)  # test hook (POSTTRAIN_FAULT), a no-op otherwise
+                if step % self.training.log_every_steps == 0 or step == self.total_steps:
+                    self.trackers.log_metrics(step, metrics)
+                    if main:
+                        runs.mark_step(self.output_dir, step, self.total_steps)
                 if evaluate and self.training.eval_every_steps and step % self.training.eval_every_steps == 0:
                     eval_metrics = evaluate()
-                    metrics.update(eval_metrics)
-                if tracker and (step % self.training.log_every_steps == 0 or step == self.total_steps):
-                    tracker.log(metrics, step)
+                    self.trackers.log_eval(step, eval_metrics)
                 self.state.last_metrics = metrics
                 progress.update(step, loss=metrics["loss"], tok_s=round(metrics["tokens_per_s"]))
                 if self.training.save_every_steps and step % self.training.save_every_steps == 0:
@@ -195,13 +204,22 @@ class Trainer:
                 self.training.eval_every_steps and self.state.step % self.training.eval_every_steps == 0
             ):
                 eval_metrics = evaluate()
-                if tracker:
-                    tracker.log(eval_metrics, self.state.step)
+                self.trackers.log_eval(self.state.step, eval_metrics)
+        except BaseException as err:
+            self.end_tracking(runs.end_status(err))
+            raise
         finally:
             progress.close()
-            if tracker:
-                tracker.close()
         return {**self.state.last_metrics, **eval_metrics}
+
+    def end_tracking(self, status: str = "finished", artifacts: dict[str, Path | None] | None = None) -> None:
+        """Tell the trackers where the final artifacts are and close them (idempotent). fit() leaves
+        them open on success so that the export that follows can be recorded; a recipe calls this last
+        (posttrain.train.setup.train_export_summarise does)."""
+        for name, path in (artifacts or {}).items():
+            if path is not None and Path(path).exists():
+                self.trackers.log_artifact(name, Path(path))
+        self.trackers.finish(status)
 
     # ------------------------------------------------------------------------------ state
     def save(self, loader, root: Path) -> Path:
@@ -223,6 +241,7 @@ class Trainer:
             rank_state,
             self.config_yaml,
             self.training.keep_last_checkpoints,
+            progress=self.progress_mode if self.world.is_main else "quiet",
         )
 
     def _resume(self, loader, root: Path) -> bool:
