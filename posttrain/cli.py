@@ -19,6 +19,8 @@ RECIPES = {
     "dpo": "posttrain.recipes.dpo",
     "rm": "posttrain.recipes.rm",
     "distill": "posttrain.recipes.distill",
+    "grpo": "posttrain.recipes.grpo",
+    "events": "posttrain.recipes.events",
 }
 
 
@@ -79,6 +81,50 @@ def _inspect(args) -> int:
     return 0
 
 
+def _precompute_reference(args) -> int:
+    from posttrain.config import load_job
+    from posttrain.train.offline import precompute_reference
+
+    path, n = precompute_reference(load_job(args.config, args.overrides), args.out)
+    print(f"wrote reference log-probabilities of {n} pairs -> {path}")
+    print(f"train with: dpo.reference=precomputed dpo.reference_logps={path}")
+    return 0
+
+
+def _teacher_topk(args) -> int:
+    from posttrain.config import load_job
+    from posttrain.train.offline import write_teacher_topk
+
+    n = write_teacher_topk(load_job(args.config, args.overrides), args.k, args.out, args.split)
+    print(f"wrote {n} distill records with teacher top-{args.k} -> {args.out}")
+    return 0
+
+
+def _events_generate(args) -> int:
+    import dataclasses
+
+    from posttrain.events.generator import SyntheticSpec, write_synthetic_events
+
+    sizes = {"num_users": args.num_users, "num_items": args.num_items}
+    spec = dataclasses.replace(SyntheticSpec(seed=args.seed), **{k: v for k, v in sizes.items() if v})
+    for name, path in write_synthetic_events(args.out, spec).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _report(args) -> int:
+    from posttrain.metrics.report import write_report
+
+    print(write_report(args.run_dir, args.out))
+    return 0
+
+
+def _runs(args) -> int:
+    from posttrain.metrics.runs import print_runs
+
+    return print_runs(args.dir, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="verb", required=True)
@@ -112,8 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
     demo.set_defaults(fn=_demo)
 
+    report = sub.add_parser("report", help="an HTML page of a run's curves (RUN_DIR/report/index.html)")
+    report.add_argument("run_dir", help="a run's output_dir")
+    report.add_argument(
+        "--out", default=None, help="folder for index.html and the PNGs (default RUN_DIR/report)"
+    )
+    report.set_defaults(fn=_report)
+
+    runs = sub.add_parser("runs", help="a table of the runs under DIR, with resume commands")
+    runs.add_argument("dir", nargs="?", default="runs", help="folder to search (default: runs)")
+    runs.add_argument("--json", action="store_true", help="one JSON object per run")
+    runs.set_defaults(fn=_runs)
+
     # Listed for --help only; main() hands its arguments to posttrain.models.verify.
     sub.add_parser("verify-model", help="compare our logits with transformers' (--family F | --hf-dir DIR)")
+
+    events = sub.add_parser("events", help="interaction-event tools")
+    events_sub = events.add_subparsers(dest="events_verb", required=True)
+    gen = events_sub.add_parser(
+        "generate", help="write synthetic catalogue.jsonl.gz + events.jsonl.gz (deterministic by seed)"
+    )
+    gen.add_argument("--out", default="data/tiny", help="output folder")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--num-users", type=int, default=None, help="default: the tiny config's")
+    gen.add_argument("--num-items", type=int, default=None, help="default: the tiny config's")
+    gen.set_defaults(fn=_events_generate)
 
     data = sub.add_parser("data", help="data tools")
     data_sub = data.add_subparsers(dest="data_verb", required=True)
@@ -123,6 +192,28 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--num-samples", type=int, default=3)
     insp.add_argument("--json", action="store_true", help="one JSON object per sample: input_ids, labels")
     insp.set_defaults(fn=_inspect)
+
+    ref = sub.add_parser(
+        "precompute-reference",
+        help="score a DPO job's pairs (data.train + data.eval) with its starting weights, for "
+        "dpo.reference=precomputed",
+    )
+    ref.add_argument("config", help="the DPO job file")
+    ref.add_argument("overrides", nargs="*")
+    ref.add_argument("--out", default=None, help="file or folder (default: dpo.reference_logps)")
+    ref.set_defaults(fn=_precompute_reference)
+
+    topk = sub.add_parser(
+        "teacher-topk",
+        help="write a distill job's records with distill.teacher's top-k log-probabilities per "
+        "completion token, for distill.source=offline_topk",
+    )
+    topk.add_argument("config", help="a distill job file (distill.teacher, distill.temperature, data)")
+    topk.add_argument("overrides", nargs="*")
+    topk.add_argument("--k", type=int, required=True, help="candidates stored per token, e.g. 20")
+    topk.add_argument("--out", required=True, help="JSONL file of distill records")
+    topk.add_argument("--split", choices=("train", "eval"), default="train", help="data.train or data.eval")
+    topk.set_defaults(fn=_teacher_topk)
     return p
 
 
@@ -132,7 +223,15 @@ def main(argv: list[str] | None = None) -> int:
         from posttrain.models.verify import main as verify_main
 
         return verify_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after flags too (`run CONFIG --nproc 4 parallelism.tp=2`): argparse stops
+    # collecting the `overrides` positional at the first flag, so take the `key=value` leftovers here.
+    stray = [a for a in extra if not (getattr(args, "verb", None) == "run" and "=" in a and not a.startswith("-"))]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra and not stray:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.fn(args)
     except PosttrainError as err:

@@ -109,8 +109,11 @@ class SourceConfig(Section):
 
     path: str
     # chat: {"messages": [...]}; prompt_completion: {"prompt", "completion"}; text: {"text"};
-    # tokens: {"input_ids", "labels"?}; preference / rl_prompt / distill: see posttrain/data/schemas.py
-    format: Literal["chat", "prompt_completion", "text", "tokens", "preference", "rl_prompt", "distill"]
+    # tokens: {"input_ids", "labels"?}; preference / rl_prompt / distill: see posttrain/data/schemas.py;
+    # events / items: interaction logs and item catalogues, see posttrain/events/data.py
+    format: Literal[
+        "chat", "prompt_completion", "text", "tokens", "preference", "rl_prompt", "distill", "events", "items"
+    ]
     on_error: Literal["raise", "skip"] = "raise"  # skip = drop bad samples, counted in summary.json
     max_samples: int | None = None  # read at most this many records per epoch (None = all)
     name: str | None = None  # label in metrics and the weight schedule; default: the file or folder name
@@ -245,6 +248,31 @@ class TrainingConfig(Section):
         return self
 
 
+class TensorBoardConfig(Section):
+    """TensorBoard event files (written through torch.utils.tensorboard; needs the `tensorboard` package)."""
+
+    log_dir: str | None = None  # None = OUTPUT/tensorboard
+
+
+class MLflowConfig(Section):
+    """An MLflow run per job (needs `mlflow-skinny` + `sqlalchemy` + `alembic`, see the `trackers` extra)."""
+
+    tracking_uri: str | None = None  # None = sqlite:///OUTPUT/mlflow.db (a local database file)
+    experiment_name: str = "posttrain"  # created on first use
+    run_name: str | None = None  # None = the output directory's name
+    # where a newly created experiment stores artifacts; None = OUTPUT/mlflow-artifacts
+    artifact_location: str | None = None
+
+
+class WandbConfig(Section):
+    """A Weights & Biases run (needs `wandb`). offline: written under OUTPUT/wandb, `wandb sync` uploads."""
+
+    mode: Literal["offline", "online"] = "offline"
+    project: str = "posttrain"
+    entity: str | None = None  # team or user; None = the logged-in default (online only)
+    run_name: str | None = None  # None = the output directory's name
+
+
 class MetricsConfig(Section):
     """Where metrics go and how MFU is computed."""
 
@@ -252,6 +280,13 @@ class MetricsConfig(Section):
     # the nominal bf16 dense peak of a known GPU.
     peak_flops_per_s: float | None = None
     progress: Literal["auto", "bar", "plain", "quiet"] = "auto"  # auto = bar on a TTY, lines otherwise
+    progress_every_s: float = 10.0  # plain progress: seconds between lines (each task also prints its end)
+    # experiment trackers (rank 0 only): OUTPUT/metrics.jsonl is always written; each name listed adds
+    # one, configured in its section below and imported only when listed
+    trackers: list[Literal["jsonl", "tensorboard", "mlflow", "wandb"]] = ["jsonl"]
+    tensorboard: TensorBoardConfig = TensorBoardConfig()
+    mlflow: MLflowConfig = MLflowConfig()
+    wandb: WandbConfig = WandbConfig()
 
 
 class ParallelismConfig(Section):
@@ -278,11 +313,24 @@ class DPOConfig(Section):
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # ipo uses length-averaged log-probabilities
     label_smoothing: float = 0.0  # cDPO: assumed probability that a pair's preference label is flipped
     # reference model: copy = a frozen copy of the starting weights; lora_disabled = the policy itself
-    # with its LoRA adapters switched off (no second model in memory; needs model.lora)
-    reference: Literal["copy", "lora_disabled"] = "copy"
+    # with its LoRA adapters switched off (no second model in memory; needs model.lora); precomputed =
+    # log-probabilities read from reference_logps (no reference model at all)
+    reference: Literal["copy", "lora_disabled", "precomputed"] = "copy"
+    # reference=precomputed: the JSONL file (or the folder holding reference_logps.jsonl) that
+    # `posttrain precompute-reference` wrote for this job's data.train and data.eval
+    reference_logps: str | None = None
     # + weight * the chosen answer's per-token negative log-likelihood (RPO / TRL's "sft" term): keeps
     # the chosen answers likely, which plain DPO can push down along with the rejected ones
     sft_weight: float = 0.0
+
+    @model_validator(mode="after")
+    def _reference_file(self) -> DPOConfig:
+        if self.reference == "precomputed" and self.reference_logps is None:
+            raise ValueError(
+                "reference=precomputed needs dpo.reference_logps (the file `posttrain precompute-reference` "
+                "writes)"
+            )
+        return self
 
 
 class RewardConfig(Section):
@@ -293,19 +341,137 @@ class RewardConfig(Section):
 
 
 class DistillConfig(Section):
-    """Knowledge distillation (recipe `distill`) from an online teacher."""
+    """Knowledge distillation (recipe `distill`) from an online teacher or from teacher top-k
+    log-probabilities stored with the data (`posttrain teacher-topk` writes them)."""
 
-    teacher: ModelConfig  # an HF checkpoint (path) of any supported family; its tokenizer must match
+    # an HF checkpoint (path) of any supported family; its tokenizer must match. Optional for
+    # source=offline_topk (where `posttrain teacher-topk` reads it to write the data)
+    teacher: ModelConfig | None = None
+    # online: run the teacher in every step; offline_topk: read each record's teacher_topk (its k ids
+    # renormalised over themselves, a forward KL to that truncated teacher). null = online when
+    # `teacher` is set, else offline_topk
+    source: Literal["online", "offline_topk"] | None = None
     kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: float = 0.5  # jsd: mixture weight (TRL GKD's beta)
     temperature: float = 1.0  # both distributions are softened by this temperature
     alpha: float = 1.0  # loss = alpha * distillation + (1 - alpha) * next-token cross-entropy
 
+    @property
+    def resolved_source(self) -> str:
+        return self.source or ("online" if self.teacher is not None else "offline_topk")
+
+    @model_validator(mode="after")
+    def _teacher_source(self) -> DistillConfig:
+        if self.resolved_source == "online" and self.teacher is None:
+            raise ValueError("source=online needs distill.teacher (a model to run in every step)")
+        if self.resolved_source == "offline_topk" and self.kind != "forward_kl":
+            raise ValueError(
+                f"kind={self.kind} needs the teacher's whole distribution (an online distill.teacher); "
+                "stored top-k log-probabilities support forward_kl"
+            )
+        return self
+
+
+class RLRewardSpec(Section):
+    """One reward of `rl.rewards` (posttrain/rl/rewards.py); an episode's reward is the weighted sum."""
+
+    kind: Literal["exact_answer", "format", "function", "model"]
+    name: str | None = None  # metric name (reward/<name>); default: kind
+    weight: float = 1.0
+    function: str | None = None  # kind function: path/to/file.py:function_name
+    path: str | None = None  # kind model: an `rm` recipe's hf export directory
+    head: str = "reward"  # kind model: its scalar head
+    pattern: str | None = None  # kind format: a regex the completion must match (default: one line)
+
+
+class RLConfig(Section):
+    """On-policy RL (recipe `grpo`). `training.max_steps` counts GRPO steps (generate -> score -> update ->
+    sync); each makes iterations_per_batch x mini_batches optimizer steps."""
+
+    local: bool = True  # every role in this process; false = Ray worker groups (resource pools below)
+    prompts_per_step: int = 8  # prompts per rollout batch
+    group_size: int = 4  # completions per prompt (GRPO's group)
+    max_new_tokens: int = 32  # per policy turn
+    temperature: float = 1.0  # sampling AND the trainer's logprobs (they must match)
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_turns: int = 1  # policy turns per episode (multi-turn needs an environment)
+    environment: str | None = None  # null (single turn), retry, or path/to/file.py:make_env
+    rewards: list[RLRewardSpec] = [RLRewardSpec(kind="exact_answer")]
+    advantage_scale: Literal["group", "batch", "none"] = "group"  # divide by the group's std (or not)
+    loss_aggregation: Literal["token", "sequence", "constant"] = "token"  # DAPO / GRPO / Dr. GRPO
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.28
+    kl_coef: float = 0.0  # > 0 runs a reference model; KL(policy || reference) in the loss
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_bias_correction: bool = True  # KL term times the ratio (unbiased off-policy; TRL's default)
+    iterations_per_batch: int = 1  # optimisation passes over each rollout batch (PPO epochs)
+    mini_batches: int = 1  # optimizer steps per pass
+    drop_equal_reward_groups: bool = True  # a group whose rewards are all equal has no signal
+    is_cap: float | None = 2.0  # truncated importance sampling of engine vs trainer logprobs (null = off)
+    # setup check: abort when max |trainer - engine| logprob on the same sampled tokens exceeds this
+    logprob_check_max_abs_diff: float = 0.05
+    engine: Literal["local", "vllm"] = "local"  # vllm needs the `vllm` package (GPU machines)
+    eval_max_new_tokens: int = 24  # greedy held-out exact match on data.eval (rl_prompt rows)
+    # Ray worker groups (rl.local false): processes per role; colocated = rollout/reference/reward
+    # share the policy's resource pool (same bundles), separate = each role gets its own bundles
+    policy_workers: int = 1
+    rollout_workers: int = 1
+    placement: Literal["colocated", "separate"] = "separate"
+    ray_address: str | None = None  # an existing cluster (ray://... or auto); None = start a local Ray
+
+    @model_validator(mode="after")
+    def _check(self) -> RLConfig:
+        if self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size}: GRPO needs at least 2 completions per prompt")
+        if self.max_turns > 1 and self.environment is None:
+            raise ValueError(f"max_turns={self.max_turns} needs an environment (rl.environment)")
+        if min(self.prompts_per_step, self.max_new_tokens, self.iterations_per_batch, self.mini_batches) < 1:
+            raise ValueError("prompts_per_step, max_new_tokens, iterations_per_batch, mini_batches must be >= 1")
+        return self
+
+
+class EventsConfig(Section):
+    """Transformers over interaction events (recipe `events`; docs/events.md): data.train holds event logs
+    (format events), items become tokens, heads predict each user's next item and event type. A model
+    loaded from model.path brings its own item/event vocabulary (event_vocab.json); the item-token
+    fields below then do not apply."""
+
+    catalogue: SourceConfig | None = None  # item features (format items); needed for semantic_ids
+    item_tokens: Literal["semantic_ids", "one_per_item"] = "semantic_ids"  # one_per_item: small catalogues
+    semantic_id_levels: int = 3  # codes per item (levels of residual k-means)
+    semantic_id_codes: int = 32  # clusters per level; adds levels x codes tokens
+    kmeans_iters: int = 25  # Lloyd iterations per level
+    # next-item predictor: a head over every item (catalogue), semantic-ID codes through the LM head
+    # (constrained beam search at evaluation), or both trained together
+    objective: Literal["catalogue", "semantic_ids", "both"] = "both"
+    event_type_head: bool = True  # an extra head predicting the next event's type
+    # mix the catalogue head with a pointer over the user's own history (repeat consumption)
+    repeat_head: bool = True
+    event_type_loss_weight: float = 0.5  # its cross-entropy's weight in the loss
+    # time since the user's previous event, bucketed at these edges (seconds) into gap tokens
+    gap_bucket_edges_s: list[float] = [60.0, 600.0, 3600.0, 21600.0, 86400.0, 604800.0]
+    heldout_events_per_user: int = 1  # each user's last events are the evaluation targets
+    max_history_events: int = 48  # events per training window and per evaluation history
+    loss_event_types: list[str] = []  # only events of these types bear loss (empty = all), e.g. [purchase]
+    eval_ks: list[int] = [1, 5, 10, 20]  # recall@k and NDCG@k at these k
+    beam_size: int = 20  # semantic-ID beam width at evaluation (>= the largest eval k)
+
+    @model_validator(mode="after")
+    def _check(self) -> EventsConfig:
+        if min(self.semantic_id_levels, self.max_history_events) < 1 or self.semantic_id_codes < 2:
+            raise ValueError("semantic_id_levels and max_history_events must be >= 1, semantic_id_codes >= 2")
+        if self.heldout_events_per_user < 0 or not self.eval_ks or min(self.eval_ks) < 1:
+            raise ValueError("heldout_events_per_user must be >= 0 and eval_ks positive")
+        if self.beam_size < max(self.eval_ks):
+            raise ValueError(f"beam_size={self.beam_size} must be >= the largest eval k ({max(self.eval_ks)})")
+        return self
+
 
 class JobConfig(Section):
     """A whole job: which recipe, where it writes, and each component's section."""
 
-    recipe: Literal["pretrain", "sft", "dpo", "rm", "distill"]
+    recipe: Literal["pretrain", "sft", "dpo", "rm", "distill", "grpo", "events"]
     output_dir: str
     seed: int = 0
     model: ModelConfig
@@ -319,6 +485,8 @@ class JobConfig(Section):
     dpo: DPOConfig = DPOConfig()  # recipe dpo only
     reward: RewardConfig = RewardConfig()  # recipe rm only
     distill: DistillConfig | None = None  # recipe distill only (required there)
+    rl: RLConfig = RLConfig()  # recipe grpo only
+    events: EventsConfig = EventsConfig()  # recipe events only
 
 
 def gradient_accumulation_steps(training: TrainingConfig, world_size: int = 1) -> int:

@@ -180,6 +180,13 @@ def to_distill(p: Problem, system: bool = True) -> dict:
     return {"messages": messages, "completion": p.answer, "task": p.task}
 
 
+def to_rl_prompt(p: Problem, system: bool = True) -> dict:
+    """An RL prompt row: the conversation to answer and the reference answer a verifiable reward checks."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}] if system else []
+    messages.append({"role": "user", "content": p.prompt})
+    return {"messages": messages, "answer": p.answer, "metadata": {"task": p.task}}
+
+
 def to_text(p: Problem) -> str:
     """Plain pretraining text (no chat markup), so a base model already knows the tasks."""
     return f"{p.prompt} Answer: {p.answer}"
@@ -214,6 +221,20 @@ def write_demo_data(
     heldout = generate_problems("heldout", num_heldout, seed)
     _write_jsonl(paths["heldout"], [to_chat(p) for p in heldout])
     paths.update(write_preference_data(out, seed, num_pref, num_heldout))
+    paths.update(write_rl_data(out, seed, num_pref, num_heldout))
+    return paths
+
+
+def write_rl_data(
+    out_dir: str | Path, seed: int = 0, num_train: int = 4000, num_heldout: int = 300
+) -> dict[str, Path]:
+    """rl_train.jsonl and rl_heldout.jsonl: RL prompts (messages + answer + metadata.task); the held-out
+    prompts are the same problems as heldout.jsonl."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / f"{name}.jsonl" for name in ("rl_train", "rl_heldout")}
+    _write_jsonl(paths["rl_train"], [to_rl_prompt(p) for p in generate_problems("train", num_train, seed + 4)])
+    _write_jsonl(paths["rl_heldout"], [to_rl_prompt(p) for p in generate_problems("heldout", num_heldout, seed)])
     return paths
 
 

@@ -5,7 +5,9 @@
 3. SFT it on the same kinds of tasks rendered as chat conversations;
 4. DPO the SFT model on preference pairs (chosen: the exact answer; rejected: a near miss or the
    right answer padded with chatter);
-5. after each stage, greedy-decode the held-out questions and score exact match, both through the
+5. GRPO the DPO model on RL prompts with a verifiable reward (exact answer), sampling groups of
+   answers with our rollout engine and reinforcing the better ones;
+6. after each stage, greedy-decode the held-out questions and score exact match, both through the
    chat template and in the plain text format the base model was trained on, and measure held-out
    preference accuracy (chosen more likely than rejected) on unseen pairs.
 
@@ -23,9 +25,10 @@ from posttrain.data.synthetic import write_demo_data
 from posttrain.data.tokenizer import Tokenizer
 from posttrain.evaluate import exact_match_accuracy, preference_accuracy
 from posttrain.models.hf_io import load_pretrained
-from posttrain.recipes import dpo, pretrain, sft
+from posttrain.recipes import dpo, grpo, pretrain, sft
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
+QUICK_GRPO = ["training.max_steps=3", "rl.prompts_per_step=4", "data.eval.max_samples=8"]
 QUICK = [
     "training.max_steps=12",
     "training.log_every_steps=1",
@@ -43,8 +46,8 @@ def _config_path(name: str) -> Path:
 def _evaluate(hf_dir: Path, rows: list[dict], pref_rows: list[dict]) -> dict:
     model, _ = load_pretrained(hf_dir)
     tokenizer = Tokenizer.from_dir(hf_dir)
-    chat = exact_match_accuracy(model, tokenizer, rows, prompt_format="chat")
-    text = exact_match_accuracy(model, tokenizer, rows, prompt_format="text")
+    chat = exact_match_accuracy(model, tokenizer, rows, prompt_format="chat", progress="auto")
+    text = exact_match_accuracy(model, tokenizer, rows, prompt_format="text", progress="auto")
     return {"chat": chat, "text": text, "pref": preference_accuracy(model, tokenizer, pref_rows)}
 
 
@@ -96,11 +99,24 @@ def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False) -> dict:
     # held-out pairs. At the start policy == reference, so every reward is 0 and no pair is ranked (0%).
     dpo_reward_accuracy = pref["final"].get("eval_rewards/accuracy")
 
+    grpo_cfg = load_job(
+        _config_path("grpo.yaml"),
+        [
+            f"output_dir={out / 'grpo'}",
+            f"data.train.path={data['rl_train']}",
+            f"data.eval.path={data['rl_heldout']}",
+            f"model.path={pref['hf_dir']}",
+            *(QUICK_GRPO if quick else []),
+        ],
+    )
+    rl = grpo.train(grpo_cfg)
+    stages.append(("grpo", rl, _evaluate(Path(rl["hf_dir"]), rows, pref_rows)))
+
     report = {
         "stages": [
             {
                 "stage": name,
-                "final_loss": s["final"]["loss"],
+                "final_loss": s["final"].get("loss", float("nan")),  # grpo: its last update's
                 "heldout_accuracy_chat": ev["chat"]["accuracy"],
                 "heldout_accuracy_text": ev["text"]["accuracy"],
                 "per_task_chat": {k: v for k, v in ev["chat"].items() if k.startswith("accuracy/")},
@@ -108,7 +124,9 @@ def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False) -> dict:
                 "preference_accuracy_by_kind": {
                     k: v for k, v in ev["pref"].items() if k.startswith("accuracy/")
                 },
-                "tokens_per_s": s["tokens_seen"] / max(s["wall_time_s"], 1e-9),
+                # trained tokens (+ generated ones for the RL stage) per second of the stage
+                "tokens_per_s": (s["tokens_seen"] + s.get("tokens_generated", 0))
+                / max(s["wall_time_s"], 1e-9),
                 "train_wall_s": s["wall_time_s"],
                 "hf_dir": s["hf_dir"],
             }
@@ -116,6 +134,7 @@ def run_demo(output_dir: str | Path = "runs/demo", quick: bool = False) -> dict:
         ],
         "num_heldout": len(rows),
         "dpo_heldout_reward_accuracy": {"before": 0.0, "after": dpo_reward_accuracy},
+        "grpo_train_reward": {"first_step": rl["first_reward"], "last_step": rl["final"].get("reward/mean")},
         "wall_time_s": time.perf_counter() - t0,
     }
     (out / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -153,13 +172,20 @@ def print_table(report: dict) -> None:
     console.print(table)
     for s in report["stages"][1:]:
         console.print(f"per task (chat, after {s['stage']}): {s['per_task_chat']}")
+    dpo_stage = next((s for s in report["stages"] if s["stage"] == "dpo"), report["stages"][-1])
     console.print(
-        f"preference accuracy by rejected kind (after dpo): {report['stages'][-1]['preference_accuracy_by_kind']}"
+        f"preference accuracy by rejected kind (after dpo): {dpo_stage['preference_accuracy_by_kind']}"
     )
     acc = report.get("dpo_heldout_reward_accuracy", {})
     if acc.get("after") is not None:
         console.print(
             "DPO held-out reward accuracy (its implicit reward vs the SFT reference ranks chosen above "
             f"rejected): {acc['before']:.1%} -> {acc['after']:.1%}"
+        )
+    rl = report.get("grpo_train_reward")
+    if rl:
+        console.print(
+            f"GRPO training reward (exact answer, sampled at temperature 1): first step {rl['first_step']:.1%} "
+            f"-> last step {rl['last_step']:.1%}"
         )
     console.print(f"HF checkpoint: {report['stages'][-1]['hf_dir']}  (total {report['wall_time_s']:.0f}s)")

@@ -26,11 +26,13 @@ def test_quick_demo_prints_table_and_report(tmp_path):
         "pretrain (base)",
         "sft",
         "dpo",
+        "grpo",
+        "GRPO training reward",
         "pref acc",
     ):
         assert heading in res.stdout
     report = json.loads((tmp_path / "demo_report.json").read_text())
-    assert [s["stage"] for s in report["stages"]] == ["pretrain (base)", "sft", "dpo"]
+    assert [s["stage"] for s in report["stages"]] == ["pretrain (base)", "sft", "dpo", "grpo"]
     assert report["num_heldout"] == 300
     for stage in report["stages"]:
         assert 0.0 <= stage["heldout_accuracy_chat"] <= 1.0 and stage["tokens_per_s"] > 0
@@ -41,4 +43,7 @@ def test_quick_demo_prints_table_and_report(tmp_path):
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         losses = [r["loss"] for r in rows if "loss" in r]  # eval rows carry eval_loss instead
         assert len(losses) == 12 and losses[-1] < losses[0]
-    assert str(tmp_path / "dpo" / "hf") in res.stdout
+    # The RL stage ran its 3 quick steps from the DPO model, each with a reward, and exported.
+    rl_rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rl_rows if "reward/mean" in r] == [1, 2, 3]
+    assert str(tmp_path / "grpo" / "hf") in res.stdout

@@ -60,3 +60,24 @@ def test_exactly_one_model_source(tmp_path):
 def test_every_shipped_config_validates(path: Path):
     cfg = load_job(path)
     assert cfg.recipe == path.stem  # configs are named after the recipe they run
+
+
+def test_cli_takes_overrides_before_and_after_flags(monkeypatch, capsys):
+    """`posttrain run CONFIG --nproc 4 parallelism.tp=2` (the README's form) keeps both overrides."""
+    import posttrain.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_run", lambda args: seen.update(vars(args)) or 0)
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_run(parser(), cli._run))
+    assert cli.main(["run", "x.yaml", "a.b=1", "--nproc", "4", "parallelism.tp=2"]) == 0
+    assert seen["overrides"] == ["a.b=1", "parallelism.tp=2"] and seen["nproc"] == 4
+    with pytest.raises(SystemExit):
+        cli.main(["run", "x.yaml", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def _with_run(parser, fn):
+    for action in parser._subparsers._group_actions:
+        action.choices["run"].set_defaults(fn=fn)
+    return parser

@@ -103,7 +103,11 @@ def test_write_demo_data(tmp_path):
         "pref_train": 20,
         "pref_heldout": 12,
         "distill_train": 20,
+        "rl_train": 20,
+        "rl_heldout": 12,
     }
+    assert [r["messages"][1] for r in rows["rl_heldout"]] == [r["messages"][1] for r in rows["heldout"]]
+    assert all(r["metadata"]["task"] in ("add", "reverse", "sort") for r in rows["rl_train"])
     assert set(rows["pref_train"][0]) >= {"prompt", "chosen", "rejected"}
     assert set(rows["pretrain"][0]) == {"text"}
     assert all(r["messages"][-1]["content"] == r["answer"] for r in rows["heldout"])

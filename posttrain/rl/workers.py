@@ -1,0 +1,311 @@
+"""The roles of on-policy RL, each a plain class that runs the same in the controller's process
+(`rl.local: true`) or as Ray actors (posttrain/rl/groups.py):
+
+  PolicyWorker     one SPMD rank of the training group: the model (FSDP/TP from `parallelism`), the
+                   shared Trainer (optimizer, schedule, clipping, checkpoints) and the GRPO loss
+  RolloutWorker    a rollout engine (ours, or vLLM) plus the environment; runs whole episodes
+  ReferenceWorker  the frozen starting model; log-probabilities for the KL term
+  RewardWorker     the `rl.rewards` (functions, and reward models that need weights)
+
+Micro-batches cross worker boundaries as dicts of CPU tensors, episodes as plain dataclasses, weights
+as a state dict of CPU tensors: all picklable, so Ray moves them through its object store.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from posttrain.config import JobConfig
+from posttrain.rl.grpo import GRPOLossConfig, grpo_loss_fn, loss_units_for, token_entropy, token_logprobs
+from posttrain.train.losses import IGNORE
+
+
+def _tokenizer(cfg: JobConfig):
+    from posttrain.train.setup import build_tokenizer
+
+    return build_tokenizer(cfg.tokenizer)
+
+
+def loss_config(cfg: JobConfig) -> GRPOLossConfig:
+    r = cfg.rl
+    return GRPOLossConfig(
+        clip_low=r.clip_low,
+        clip_high=r.clip_high,
+        kl_coef=r.kl_coef,
+        kl_estimator=r.kl_estimator,
+        kl_bias_correction=r.kl_bias_correction,
+        temperature=r.temperature,
+        is_cap=r.is_cap,
+        chunk_size=cfg.training.loss_chunk_size_tokens,
+    )
+
+
+@torch.no_grad()
+def batch_logprobs(model, batch: dict, cfg: JobConfig, tokenizer, *, entropy: bool):
+    """(log-probs, entropies or None) at the batch's loss positions, row-major (as the loss reads them),
+    at rl.temperature over the tokenizer's real vocabulary."""
+    device = next(model.parameters()).device
+    temperature, num_real_vocab = cfg.rl.temperature, tokenizer.vocab_size
+
+    def head(h, w):
+        t = batch["targets"].to(device)
+        lp = token_logprobs(h, w, t, temperature=temperature, num_real_vocab=num_real_vocab)
+        ent = (
+            token_entropy(h, w, t, temperature=temperature, num_real_vocab=num_real_vocab)
+            if entropy
+            else None
+        )
+        return lp, ent
+
+    was_training = model.training
+    model.eval()
+    try:
+        lp, ent = model(
+            batch["input_ids"].to(device),
+            batch["position_ids"].to(device),
+            batch["doc_ids"].to(device),
+            head_fn=head,
+        )
+    finally:
+        model.train(was_training)
+    return lp.float().cpu(), None if ent is None else ent.float().cpu()
+
+
+class _DataState:
+    """What Trainer.save/_resume expect of a loader, for state the controller owns (the prompt stream)."""
+
+    state_is_per_rank = False
+
+    def __init__(self, state: dict | None = None):
+        self.state = state
+
+    def state_dict(self) -> dict | None:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+
+class PolicyWorker:
+    """One rank of the policy's SPMD group (rank 0 of 1 in a local run)."""
+
+    def __init__(self, cfg: JobConfig, total_steps: int, env: dict[str, str] | None = None):
+        if env:  # a Ray actor joins the group through torchrun's variables
+            os.environ.update(env)
+        from posttrain.config import dump_job
+        from posttrain.metrics.mfu import peak_flops
+        from posttrain.models.build import build_model_for, flops_fn_for, head_counts
+        from posttrain.parallel.world import init_world
+        from posttrain.train.setup import seed_everything
+        from posttrain.train.trainer import Trainer
+
+        self.cfg = cfg
+        self.world = init_world(cfg.parallelism, **head_counts(cfg.model))
+        seed_everything(cfg.seed)
+        self.tokenizer = _tokenizer(cfg)
+        self.built = build_model_for(
+            cfg.model, self.tokenizer, cfg.seed, world=self.world, parallelism=cfg.parallelism
+        )
+        self.model = self.built.module
+        device = next(self.model.parameters()).device
+        self.trainer = Trainer(
+            self.model,
+            grpo_loss_fn(loss_config(cfg), self.tokenizer.vocab_size),
+            training=cfg.training,
+            optim=cfg.optim,
+            schedule=cfg.schedule,
+            total_steps=total_steps,
+            grad_accum_steps=1,  # the controller hands each step all of its micro-batches
+            output_dir=Path(cfg.output_dir),
+            config_yaml=dump_job(cfg),
+            flops_fn=flops_fn_for(self.built),
+            peak_flops_per_s=peak_flops(cfg.metrics.peak_flops_per_s, device),
+            progress="quiet",
+            loss_units=loss_units_for(cfg.rl.loss_aggregation),
+            world=self.world,
+        )
+
+    def notes(self) -> list[str]:
+        return list(self.built.notes)
+
+    def logprobs(self, batches: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per micro-batch (log-probs, entropies) of the current policy (GRPO's "old" policy)."""
+        return [batch_logprobs(self.model, b, self.cfg, self.tokenizer, entropy=True) for b in batches]
+
+    def train_step(self, batches: list[dict]) -> dict:
+        t0 = time.perf_counter()
+        metrics = self.trainer.train_step(batches)
+        metrics["time/update_step_s"] = time.perf_counter() - t0
+        return metrics
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full CPU weights for the rollout engines (collective under FSDP; rank 0 returns them)."""
+        if self.world.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(
+                self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            return sd if self.world.is_main else None
+        if self.cfg.rl.engine == "vllm" and self.built.has_lora:  # vLLM takes plain HF weights
+            from posttrain.models.lora import merged_state_dict
+
+            return {k: v.detach().to("cpu", copy=True) for k, v in merged_state_dict(self.model).items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def save(self, data_state: dict) -> str:
+        return str(self.trainer.save(_DataState(data_state), Path(self.cfg.output_dir) / "checkpoints"))
+
+    def resume(self) -> tuple[int, dict | None] | None:
+        """(optimizer steps done, the controller's data state) from the latest checkpoint, or None."""
+        holder = _DataState()
+        if not self.trainer._resume(holder, Path(self.cfg.output_dir) / "checkpoints"):
+            return None
+        return self.trainer.state.step, holder.state
+
+    def export(self) -> str | None:
+        from posttrain.models.build import export_hf
+
+        out = export_hf(self.built, self.tokenizer, Path(self.cfg.output_dir) / "hf")
+        return str(out) if out else None
+
+    def summary(self) -> dict:
+        m = self.model
+        return {
+            "num_params": sum(p.numel() for p in m.parameters()),
+            "num_trainable_params": sum(p.numel() for p in m.parameters() if p.requires_grad),
+            "tokens_seen": self.trainer.state.tokens_seen,
+            "nonfinite_steps": self.trainer.state.nonfinite_steps,
+        }
+
+    def close(self) -> None:
+        from posttrain.parallel.world import close_world
+
+        close_world(self.world)
+
+
+def _single_device_model(cfg: JobConfig, tokenizer):
+    """The starting weights on one device (an engine's or the reference's own copy)."""
+    from posttrain.models.build import build_model_for
+
+    model = build_model_for(cfg.model, tokenizer, cfg.seed).module
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model
+
+
+class RolloutWorker:
+    """A rollout engine and the environment: whole episodes, token-in / token-out."""
+
+    def __init__(self, cfg: JobConfig):
+        from posttrain.rl.engine import LocalEngine
+
+        self.cfg = cfg
+        self.tokenizer = _tokenizer(cfg)
+        if cfg.rl.engine == "vllm":
+            from posttrain.errors import ConfigError
+            from posttrain.rl.vllm_engine import VLLMEngine
+
+            if cfg.model.path is None:
+                raise ConfigError(
+                    "rl.engine=vllm starts vLLM on model.path (an HF checkpoint directory); set it"
+                )
+            self.engine = VLLMEngine.from_checkpoint(
+                cfg.model.path, num_real_vocab=self.tokenizer.vocab_size, dtype=cfg.model.dtype, seed=cfg.seed
+            )
+        else:
+            model = _single_device_model(cfg, self.tokenizer)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self.engine = LocalEngine(
+                model, pad_id=self.tokenizer.pad_id, num_real_vocab=self.tokenizer.vocab_size
+            )
+        self.make_env = None
+        if cfg.rl.environment is not None:
+            self.make_env = environment_factory(cfg.rl.environment, self.tokenizer, cfg.rl.max_turns)
+
+    def version(self) -> int:
+        return self.engine.version
+
+    def load_weights(self, state_dict: dict, version: int) -> None:
+        self.engine.load_weights(state_dict, version)
+
+    def generate(
+        self, prompts: list, *, seed: int | None, version: int, greedy: bool = False, group_size=None
+    ):
+        """Episodes (posttrain.rl.env.EpisodeResult) for `prompts` (posttrain.rl.prompts.Prompt)."""
+        from posttrain.rl.engine import SamplingParams
+        from posttrain.rl.env import run_episodes
+
+        r = self.cfg.rl
+        stops = (self.tokenizer.end_of_turn_id, self.tokenizer.eos_id)
+        params = SamplingParams(
+            max_new_tokens=r.eval_max_new_tokens if greedy else r.max_new_tokens,
+            temperature=0.0 if greedy else r.temperature,
+            top_p=1.0 if greedy else r.top_p,
+            top_k=0 if greedy else r.top_k,
+            stop_ids=stops,
+            n=1 if greedy else (group_size or r.group_size),
+            seed=seed,
+        )
+        return run_episodes(
+            self.engine,
+            self.tokenizer,
+            [p.row for p in prompts],
+            [p.ids for p in prompts],
+            params,
+            group_size=params.n,
+            version=version,
+            make_env=None if greedy else self.make_env,
+            max_turns=r.max_turns,
+            max_episode_tokens=self.cfg.data.max_tokens_per_pack,
+        )
+
+
+def environment_factory(spec: str, tokenizer, max_turns: int):
+    """rl.environment -> a zero-argument factory of environments."""
+    from posttrain.rl.env import RetryEnv
+    from posttrain.rl.rewards import load_function
+
+    if spec == "retry":
+        return lambda: RetryEnv(tokenizer, max_turns=max_turns)
+    make = load_function(spec, "rl.environment")
+    return lambda: make(tokenizer)
+
+
+class ReferenceWorker:
+    """The frozen starting policy, for the KL term."""
+
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.tokenizer = _tokenizer(cfg)
+        self.model = _single_device_model(cfg, self.tokenizer)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def logprobs(self, batches: list[dict]) -> list[torch.Tensor]:
+        return [batch_logprobs(self.model, b, self.cfg, self.tokenizer, entropy=False)[0] for b in batches]
+
+
+class RewardWorker:
+    def __init__(self, cfg: JobConfig):
+        from posttrain.rl.rewards import build_rewards
+
+        self.rewards = build_rewards(cfg.rl.rewards)
+
+    def score(self, contexts: list) -> tuple[list[float], dict]:
+        from posttrain.rl.rewards import score_episodes
+
+        return score_episodes(self.rewards, contexts)
+
+
+def fill_logprobs(batch: dict, key: str, values: torch.Tensor) -> None:
+    """Write per-loss-position values (row-major, as batch_logprobs returns them) into batch[key] [B, T]."""
+    keep = batch["targets"] != IGNORE
+    out = torch.zeros(batch["targets"].shape, dtype=torch.float32)
+    out[keep] = values
+    batch[key] = out
