@@ -227,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # Overrides may come after flags too (`run CONFIG --nproc 4 parallelism.tp=2`): argparse stops
     # collecting the `overrides` positional at the first flag, so take the `key=value` leftovers here.
-    stray = [a for a in extra if not (getattr(args, "verb", None) == "run" and "=" in a and not a.startswith("-"))]
+    stray = [
+        a for a in extra if not (getattr(args, "verb", None) == "run" and "=" in a and not a.startswith("-"))
+    ]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra and not stray:

@@ -427,7 +427,9 @@ class RLConfig(Section):
         if self.max_turns > 1 and self.environment is None:
             raise ValueError(f"max_turns={self.max_turns} needs an environment (rl.environment)")
         if min(self.prompts_per_step, self.max_new_tokens, self.iterations_per_batch, self.mini_batches) < 1:
-            raise ValueError("prompts_per_step, max_new_tokens, iterations_per_batch, mini_batches must be >= 1")
+            raise ValueError(
+                "prompts_per_step, max_new_tokens, iterations_per_batch, mini_batches must be >= 1"
+            )
         return self
 
 
@@ -464,7 +466,9 @@ class EventsConfig(Section):
         if self.heldout_events_per_user < 0 or not self.eval_ks or min(self.eval_ks) < 1:
             raise ValueError("heldout_events_per_user must be >= 0 and eval_ks positive")
         if self.beam_size < max(self.eval_ks):
-            raise ValueError(f"beam_size={self.beam_size} must be >= the largest eval k ({max(self.eval_ks)})")
+            raise ValueError(
+                f"beam_size={self.beam_size} must be >= the largest eval k ({max(self.eval_ks)})"
+            )
         return self
 
 

@@ -233,8 +233,12 @@ def write_rl_data(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.jsonl" for name in ("rl_train", "rl_heldout")}
-    _write_jsonl(paths["rl_train"], [to_rl_prompt(p) for p in generate_problems("train", num_train, seed + 4)])
-    _write_jsonl(paths["rl_heldout"], [to_rl_prompt(p) for p in generate_problems("heldout", num_heldout, seed)])
+    _write_jsonl(
+        paths["rl_train"], [to_rl_prompt(p) for p in generate_problems("train", num_train, seed + 4)]
+    )
+    _write_jsonl(
+        paths["rl_heldout"], [to_rl_prompt(p) for p in generate_problems("heldout", num_heldout, seed)]
+    )
     return paths
 
 
