@@ -18,7 +18,10 @@ from posttrain.errors import ConfigError
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
-MARGIN = 1.2  # the model's recall@10 and NDCG@10 must exceed the best baseline's by 20% (relative)
+# recall@10 and NDCG@10 must exceed the best baseline's by these factors. Observed: catalogue head
+# 1.52 / 1.34, semantic-ID beam search 1.36 / 1.26 (run-to-run noise on this CPU: ~0.001; on 800
+# held-out events one standard error of NDCG@10 is ~0.01, so the bars leave about two of them).
+MARGIN = {"model": 1.2, "model_semantic_ids": 1.1}
 
 
 def run(config: str, out: Path, *overrides: str) -> dict:
@@ -42,10 +45,10 @@ def test_tiny_config_beats_both_baselines(base):
     assert report["model"]["num_queries"] == summary["events"]["num_users"] == 800
     for metric in ("recall@10", "ndcg@10"):
         best_baseline = max(report[b][metric] for b in ("popularity", "last_item"))
-        for ranking in ("model", "model_semantic_ids"):
-            assert report[ranking][metric] > MARGIN * best_baseline, (ranking, metric)
-        # The catalogue head also clears the stronger first-order transition baseline.
-        assert report["model"][metric] > MARGIN * report["transition"][metric], metric
+        for ranking, factor in MARGIN.items():
+            assert report[ranking][metric] > factor * best_baseline, (ranking, metric)
+        # The catalogue head also clears the first-order transition baseline (1.33 / 1.41 observed).
+        assert report["model"][metric] > MARGIN["model"] * report["transition"][metric], metric
     # The next type is mostly unpredictable by construction (a view is the likeliest almost always), but
     # the type head knows more than the type frequencies (observed 1.176 vs 1.192 nats).
     assert report["event_type"]["nll"] < report["event_type"]["nll_of_training_frequencies"]
