@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from posttrain.data.packing import collate
 from posttrain.data.samples import Sample
+from posttrain.errors import ConfigError
 from posttrain.events.semantic_ids import EventVocab
 from posttrain.events.sequences import Query, TokenTable
 from posttrain.train.losses import chunked_cross_entropy
@@ -91,7 +92,7 @@ class Lookups:
     def build(cls, vocab: EventVocab, table: TokenTable, vocab_size: int) -> Lookups:
         L, K = vocab.num_levels, vocab.codes_per_level
         if K**L >= 2**62:
-            raise ValueError(f"{K} codes ** {L} levels does not fit an int64 item key")
+            raise ConfigError(f"events: {K} codes ** {L} levels does not fit an int64 item key")
         is_gap = torch.zeros(vocab_size, dtype=torch.bool)
         is_gap[table.gap_ids] = True
         code_of = torch.full((vocab_size,), -1, dtype=torch.long)
