@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from posttrain.models.hf_io import build_model, save_pretrained
-from posttrain.models.qwen3 import to_hf_state_dict
 from posttrain.models.verify import TINY_CONFIGS
 from posttrain.rl.grpo import (
     Episode,
@@ -27,6 +26,7 @@ from posttrain.rl.grpo import (
     grpo_loss_fn,
     loss_units_for,
 )
+from tests.parity.test_preference_losses import _max_relative_grad_diff
 
 TOL = 1e-5
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "posttrain/assets/tokenizer"
@@ -200,15 +200,7 @@ def test_grpo_loss_and_gradients_equal_trl(
     trl_loss.backward()
 
     diff = abs(total - trl_loss.item())
-    grads = {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
-    ours = to_hf_state_dict(grads, cfg)
-    hf_params = dict(hf_policy.named_parameters())
-    assert set(ours) == set(hf_params), set(ours) ^ set(hf_params)
-    worst = 0.0
-    for name, grad in ours.items():
-        ref_grad = hf_params[name].grad
-        assert ref_grad is not None and float(ref_grad.abs().max()) > 0, name
-        worst = max(worst, float((grad - ref_grad).abs().max()) / float(ref_grad.abs().max()))
+    worst = _max_relative_grad_diff(policy, cfg, hf_policy)  # asserts every weight has a non-zero grad
     print(
         f"{trl_loss_type}: TRL {trl_loss.item():.7f} ours {total:.7f} |diff| {diff:.2e}, grad rel {worst:.2e}"
     )
