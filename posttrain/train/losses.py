@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
-AUTO_CHUNK_BYTES = 80 * 2**20  # fp32 logits per chunk when chunk_size is None (~138 rows at vocab 152k)
+AUTO_CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk when chunk_size is None (~110 rows at vocab 152k)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -47,12 +47,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             sum_c = logits_cV.exp_().sum(dim=-1)
             total += (sum_c.log() - target_c).sum()  # CE = log sum exp(shifted) - shifted target
             if want_h or want_w:
-                probs_cV = logits_cV.div_(sum_c[:, None])  # softmax
-                probs_cV[rows, t_c] -= 1.0  # d CE / d logits = softmax - one_hot
+                logits_cV.div_(sum_c[:, None])  # softmax, in the same buffer
+                logits_cV[rows, t_c] -= 1.0  # d CE / d logits = softmax - one_hot
                 if want_h:
-                    grad_h[start : start + chunk_size] = (probs_cV.to(w_VD.dtype) @ w_VD).to(h_ND.dtype)
+                    grad_h[start : start + chunk_size] = (logits_cV.to(w_VD.dtype) @ w_VD).to(h_ND.dtype)
                 if want_w:
-                    grad_w.addmm_(probs_cV.T, h_cD.float())
+                    grad_w.addmm_(logits_cV.T, h_cD.float())
+            # Freed before the next chunk's buffer is allocated: a second name would keep it alive
+            # through the next matmul and double the working memory.
             del logits_cV
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w_VD.dtype
@@ -79,7 +81,7 @@ def chunked_cross_entropy(
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over loss-bearing positions, and their count.
 
-    chunk_size: rows per chunk; None sizes chunks to ~AUTO_CHUNK_BYTES of fp32 logits (128 rows at a
+    chunk_size: rows per chunk; None sizes chunks to ~AUTO_CHUNK_BYTES of fp32 logits (110 rows at a
     152k vocabulary, the whole batch at a small one). The returned loss supports one backward (its
     gradients were computed in forward)."""
     if chunk_size is None:
