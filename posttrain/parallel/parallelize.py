@@ -164,13 +164,28 @@ def parallelize(
     return notes
 
 
+def _sq_sum_fp64(t: torch.Tensor, chunk_numel: int = 1 << 22) -> torch.Tensor:
+    """sum(t ** 2) accumulated in float64, in chunks (an fp64 copy of a whole embedding gradient would
+    be 8 bytes a parameter). Squares of fp32 values are exact in fp64, so how the sum is split (by shard,
+    by chunk) changes it only at ~1e-16 relative."""
+    flat = t.detach().reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=t.device)
+    for part in flat.split(chunk_numel):
+        total += part.to(torch.float64).square().sum()
+    return total
+
+
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     """Global gradient norm over plain and distributed (DTensor) gradients, clipped to max_norm.
 
-    Gradients live on different meshes (FSDP-only, FSDP x TP) or on none; norms are taken per group of
-    identical (mesh, placements), reduced to plain numbers, then combined, so the value equals the
-    single-process norm."""
-    from torch.distributed.tensor import DTensor
+    The squared norm is accumulated in float64: each rank sums the squares of its local shards, and
+    shards are summed over the mesh dimensions a gradient is sharded on (not those it is replicated
+    on). In fp32 the sharded and the unsharded sums round differently, the clipping coefficient then
+    differs in its last bit, and over a long run at a high learning rate that bit grows into a
+    visibly different loss curve; in fp64 the coefficient (applied in fp32) comes out identical, so a
+    data-parallel run follows the single-process run bit for bit (tests/distributed). Gradients that
+    are still Partial (unreduced) fall back to DTensor's own norm."""
+    from torch.distributed.tensor import DTensor, Partial, Shard
 
     groups: dict[object, list[torch.Tensor]] = defaultdict(list)
     for p in params:
@@ -179,11 +194,18 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
             key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
             groups[key].append(g)
     total_sq = torch.zeros((), dtype=torch.float64)
-    for grads in groups.values():
-        norm = torch.nn.utils.get_total_norm(grads, 2.0)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        total_sq += norm.detach().double().cpu() ** 2
+    for key, grads in groups.items():
+        if key is not None and any(isinstance(pl, Partial) for pl in key[1]):
+            norm = torch.nn.utils.get_total_norm(grads, 2.0).full_tensor()
+            total_sq += norm.detach().double().cpu() ** 2
+            continue
+        local = sum(_sq_sum_fp64(g.to_local() if key is not None else g) for g in grads)
+        if key is not None:
+            mesh, placements = key
+            for dim, placement in enumerate(placements):
+                if isinstance(placement, Shard):
+                    torch.distributed.all_reduce(local, group=mesh.get_group(dim))
+        total_sq += local.cpu()
     total = float(total_sq.sqrt())
     if max_norm < float("inf") and total > max_norm:
         coef = max_norm / (total + 1e-6)

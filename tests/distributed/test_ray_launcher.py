@@ -119,6 +119,7 @@ def test_two_nodes_equal_single_process(cluster, reference, tmp_path: Path):
     diffs = {s: abs(got[s] - reference[s]) for s in reference}
     print("per-step |loss - single|:", {s: f"{d:.1e}" for s, d in diffs.items()})
     assert max(diffs.values()) <= LOSS_ATOL, diffs
+    assert got == reference  # data parallelism is bit-identical to one process (test_equivalence.py)
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
 
 
