@@ -4,16 +4,18 @@ Both sides run the same weights: a from-scratch Qwen3 (hidden 256, 6 layers, 8 q
 builtin tokenizer's vocabulary; 5.2M parameters) is written once with posttrain's HF export and loaded
 back with `AutoModelForCausalLM`. Same prompts (random token ids, lengths uniform in [20, 60], seeded),
 same sampling settings (temperature 1, top_p 0.9, top_k off, max_new_tokens 64, KV cache on both sides,
-all rows in one batch), fp32 on CPU, same torch threads. Three workloads of 64 rows each:
+all rows in one batch), fp32 on CPU, same torch threads. Four workloads of 64 rows each:
 
-  distinct   64 different prompts, one sample each, no stop token: every row is 64 tokens long.
-  grpo 8x8   8 prompts x 8 samples (GRPO's shape; transformers' num_return_sequences), no stop token.
-  stops      the 64 prompts with every 20th token id as a stop id (transformers' eos_token_id list), so
-             rows end at different lengths, as RL responses do; a row's tokens count up to its stop.
+  distinct         64 different prompts, one sample each, no stop token: every row is 64 tokens long.
+  grpo 8x8         8 prompts x 8 samples (GRPO's shape; transformers' num_return_sequences), no stop token.
+  stops            the 64 prompts with every 20th token id as a stop id (transformers' eos_token_id list),
+                   so rows end at different lengths, as RL responses do; a row's tokens count up to its stop.
+  grpo 8x8 stops   both: 8 prompts x 8 samples that end at their first stop id, what a GRPO rollout is.
 
   posttrain      `posttrain.rl.engine.LocalEngine.generate`: prompts prefilled in groups of similar length
-                 (one prefill per prompt, shared by its samples) into a preallocated KV cache, one token
-                 per step, stopped rows dropped from the batch; also returns per-token log-probs.
+                 (one prefill per prompt, shared by its samples) into a preallocated KV cache, then one
+                 token per step through the lean decode step (posttrain/rl/fast_decode.py), stopped rows
+                 dropped from the batch; also returns per-token log-probs.
   transformers   `model.generate(do_sample=True, use_cache=True, ...)` on left-padded input with an
                  attention mask (its dynamic cache, SDPA attention); finished rows are padded, not dropped.
 
@@ -185,11 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         ("distinct", prompts, 1, ()),
         (f"grpo {len(grpo_prompts)}x{args.grpo_samples}", grpo_prompts, args.grpo_samples, ()),
         ("stops", prompts, 1, stop_ids),
+        (f"grpo {len(grpo_prompts)}x{args.grpo_samples} stops", grpo_prompts, args.grpo_samples, stop_ids),
     ]
     print(f"stops workload: {len(stop_ids)} stop ids (every {every}th id), so rows end at different lengths")
     w_all = 6 * args.reps + 2  # width of the column listing every timed run
     print(
-        f"\n{'workload':<12}{'side':<14}{'tokens':>8}{'mean len':>9}{'best s':>8}{'all s':>{w_all}}{'tokens/s':>10}"
+        f"\n{'workload':<16}{'side':<14}{'tokens':>8}{'mean len':>9}{'best s':>8}{'all s':>{w_all}}{'tokens/s':>10}"
     )
     ratios = {}
     for i, (name, wprompts, n, stops) in enumerate(workloads):
@@ -219,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             all_s = " ".join(f"{t:.2f}" for t in ts)
             mean_len = count[side] / (len(wprompts) * n)
             print(
-                f"{name:<12}{side:<14}{count[side]:>8}{mean_len:>9.1f}{min(ts):>8.2f}{all_s:>{w_all}}{rate[side]:>10.0f}"
+                f"{name:<16}{side:<14}{count[side]:>8}{mean_len:>9.1f}{min(ts):>8.2f}{all_s:>{w_all}}{rate[side]:>10.0f}"
             )
         ratios[name] = rate["posttrain"] / rate["transformers"]
     print()

@@ -2,14 +2,22 @@
 
 `LocalEngine` generates on our own model definitions (all five families) with a KV cache
 (posttrain/models/kv_cache.py): prompts are prefilled once, in groups of similar length (a prompt's n
-samples share its prefill), into one left-padded batch that then decodes one token per step; rows that
-emit a stop id stop changing at once and leave the batch in bulk, so they stop costing compute.
+samples share its prefill), into one left-padded batch that then decodes one token per step (through the
+lean decode step of fast_decode.py where the model allows it; sampling in sampling.py); rows that emit a
+stop id stop changing at once and leave the batch in bulk, so they stop costing compute.
 `VLLMEngine` (vllm_engine.py) implements the same protocol on vLLM.
 
 The log-prob of a sampled token is taken under softmax(logits / temperature) over the real vocabulary,
 BEFORE top-k / top-p truncation (temperature 0 = greedy, plain softmax): exactly what the trainer
 recomputes from the same tokens, so the two agree to ~1e-5 in fp32 and the importance-sampling
 correction only sees numerical (or engine) mismatch, never a different distribution.
+
+A `TokenConstraint` (optional, `LocalEngine(..., constraint=...)`) says which tokens a sample may emit
+next given what it has generated so far (e.g. an event model's semantic-ID trie, posttrain/events/rl.py).
+It is applied to the logits FIRST, before temperature, top-k and top-p: the policy then IS the constrained
+distribution, softmax(masked logits / temperature) over the allowed tokens, and the log-probs above are
+taken under it. The trainer applies the same mask (`rl.constraint`, posttrain/rl/grpo.py), so the two
+still agree to ~1e-5 and the loss optimises the distribution that was sampled.
 
 Weights carry a version: `load_weights(state_dict, version)` after every policy update, and `generate(...,
 expected_version=v)` refuses stale weights with a `StaleWeightsError` that names both versions.
@@ -31,6 +39,8 @@ from torch import nn
 
 from posttrain.errors import ModelError
 from posttrain.models.kv_cache import KVCache
+from posttrain.rl.fast_decode import LeanDecodeState, ModelDecodeState, lean_decode_supported
+from posttrain.rl.sampling import sample_next
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,15 @@ class Rollout:
     token_ids: list[int]  # generated tokens only; includes the stop token when one ended it
     logprobs: list[float]  # one per generated token, under softmax(logits / T) before truncation
     finish_reason: str  # "stop" (a stop id was emitted) | "length" (max_new_tokens reached)
+
+
+class TokenConstraint(Protocol):
+    """Which tokens a sample may emit next, given the tokens it has generated so far in this generate
+    call (not the prompt). Rows must allow at least one token."""
+
+    def allowed(self, generated: Sequence[Sequence[int]], vocab_size: int) -> torch.Tensor:
+        """bool [len(generated), vocab_size] on the CPU: True = may be sampled."""
+        ...
 
 
 class StaleWeightsError(RuntimeError):
@@ -110,45 +129,6 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
             raise ValueError(f"prompt {i} has token id {lo if lo < 0 else hi} outside [0, {vocab_size})")
 
 
-# ------------------------------------------------------------------------------ sampling
-
-
-def truncate_logits(scaled_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set logits outside the top-k, then outside the top-p nucleus, to -inf (HF's and vLLM's order).
-
-    The nucleus is the smallest prefix of tokens by descending probability whose mass reaches top_p: a
-    token stays iff the mass strictly before it is < top_p, so the most likely token always stays."""
-    V = scaled_BV.shape[-1]
-    if 0 < top_k < V:
-        kth_B1 = torch.topk(scaled_BV, top_k, dim=-1).values[:, -1:]
-        scaled_BV = scaled_BV.masked_fill(scaled_BV < kth_B1, float("-inf"))
-    if top_p < 1.0:
-        sorted_BV, order_BV = scaled_BV.sort(dim=-1, descending=True)
-        probs_BV = torch.softmax(sorted_BV, dim=-1)
-        drop_sorted_BV = probs_BV.cumsum(dim=-1) - probs_BV >= top_p
-        drop_BV = torch.empty_like(drop_sorted_BV).scatter_(-1, order_BV, drop_sorted_BV)
-        scaled_BV = scaled_BV.masked_fill(drop_BV, float("-inf"))
-    return scaled_BV
-
-
-def sample_next(
-    logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(next token [B], its log-prob [B]) from fp32 logits over the real vocabulary."""
-    if params.temperature == 0:
-        scaled_BV = logits_BV
-        tokens_B = logits_BV.argmax(dim=-1)
-    else:
-        scaled_BV = logits_BV / params.temperature
-        probs_BV = torch.softmax(truncate_logits(scaled_BV, params.top_k, params.top_p), dim=-1)
-        # Exponential race (as vLLM samples): argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability
-        # p_i, without the host sync of torch.multinomial on GPUs. E is kept off 0 so 0/0 cannot occur.
-        noise_BV = torch.empty_like(probs_BV).exponential_(generator=generator)
-        tokens_B = (probs_BV / noise_BV.clamp_min_(torch.finfo(probs_BV.dtype).tiny)).argmax(dim=-1)
-    chosen_B = scaled_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
-    return tokens_B, chosen_B - torch.logsumexp(scaled_BV, dim=-1)
-
-
 # ------------------------------------------------------------------------------ our engine
 
 
@@ -167,11 +147,18 @@ class LocalEngine:
     """KV-cache generation on one of our DecoderLM models (fp32 on CPU; bf16/fp32 on CUDA).
 
     pad_id fills the left padding (never attended to); num_real_vocab excludes vocabulary padding rows
-    from sampling; at most max_batch_size rows (prompts x samples) decode together.
+    from sampling; at most max_batch_size rows (prompts x samples) decode together; `constraint` masks
+    the logits of every step before sampling (see the module docstring).
     """
 
     def __init__(
-        self, model: nn.Module, *, pad_id: int, num_real_vocab: int, max_batch_size: int = 64
+        self,
+        model: nn.Module,
+        *,
+        pad_id: int,
+        num_real_vocab: int,
+        max_batch_size: int = 64,
+        constraint: TokenConstraint | None = None,
     ) -> None:
         vocab_rows = model.output_weight().shape[0]
         if not 0 < num_real_vocab <= vocab_rows:
@@ -184,6 +171,7 @@ class LocalEngine:
         self.pad_id = pad_id
         self.num_real_vocab = num_real_vocab
         self.max_batch_size = max_batch_size
+        self.constraint = constraint
         self.version = 0
 
     @torch.no_grad()
@@ -254,6 +242,22 @@ class LocalEngine:
             self.model.train(was_training)
         return rollouts
 
+    def _constrain(
+        self, logits_BV: torch.Tensor, generated_BS: torch.Tensor, alive_B: torch.Tensor
+    ) -> torch.Tensor:
+        """Disallowed tokens to -inf for the rows still generating (a stopped row's later tokens are cut
+        off anyway, and its prefix, ending in a stop id, need not be one the constraint knows)."""
+        live = alive_B.nonzero().squeeze(1)
+        allowed = self.constraint.allowed(generated_BS[live].tolist(), logits_BV.shape[-1])
+        if tuple(allowed.shape) != (len(live), logits_BV.shape[-1]) or not bool(allowed.any(-1).all()):
+            raise ValueError(
+                f"{type(self.constraint).__name__}.allowed must return a bool mask [{len(live)}, "
+                f"{logits_BV.shape[-1]}] allowing at least one token per row, got shape {tuple(allowed.shape)}"
+            )
+        mask_BV = torch.ones_like(logits_BV, dtype=torch.bool)
+        mask_BV[live] = allowed.to(logits_BV.device)
+        return logits_BV.masked_fill(~mask_BV, float("-inf"))
+
     def _prefill(
         self, prompts: list[Sequence[int]], cache_len: int
     ) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
@@ -294,9 +298,12 @@ class LocalEngine:
         counts = [len(list(group)) for _, group in itertools.groupby(rows)]
         N = params.max_new_tokens
         by_len = sorted(range(len(uniq)), key=lambda u: len(prompts[uniq[u]]))  # prefill order
-        # The last sampled token is never fed back, so a row needs L + N - 1 slots.
+        # The last sampled token is never fed back, so a row needs L + N - 1 slots. The lean stepper copies
+        # the prefilled slots into its own cache, so the prefill's cache then only holds the prompts.
         L = len(prompts[uniq[by_len[-1]]])
-        cache, h_BD, next_pos_B = self._prefill([prompts[uniq[u]] for u in by_len], L + N - 1)
+        lean = lean_decode_supported(self.model)
+        cache_len = L if lean else L + N - 1
+        cache, h_BD, next_pos_B = self._prefill([prompts[uniq[u]] for u in by_len], cache_len)
         device = h_BD.device
         # Back to row order, each prompt fanned out to its n samples after one shared prefill.
         slot_of = {u: i for i, u in enumerate(by_len)}
@@ -305,6 +312,11 @@ class LocalEngine:
             index_R = torch.tensor(order_R, device=device)
             cache.select_rows(index_R)
             h_BD, next_pos_B = h_BD[index_R], next_pos_B[index_R]
+        decoder = (
+            LeanDecodeState(self.model, cache, L + N - 1, max_position=L + N - 1)
+            if lean
+            else ModelDecodeState(self.model, cache)
+        )
 
         R = len(rows)
         tokens_RN = torch.full((R, N), self.pad_id, dtype=torch.long, device=device)
@@ -316,6 +328,8 @@ class LocalEngine:
         alive_B = torch.ones(R, dtype=torch.bool, device=device)  # not stopped yet
         for step in range(N):
             logits_BV = self.model.logits(h_BD)[:, : self.num_real_vocab].float()
+            if self.constraint is not None:
+                logits_BV = self._constrain(logits_BV, tokens_RN[row_B, :step], alive_B)
             tok_B, lp_B = sample_next(logits_BV, params, generator)
             tokens_RN[row_B, step] = tok_B  # a stopped row's later tokens are cut off by its length
             logprobs_RN[row_B, step] = lp_B
@@ -332,7 +346,7 @@ class LocalEngine:
                 # O(log rows) times rather than once per stopped row.
                 if len(alive_B) - num_alive >= max(1, len(alive_B) // 8):
                     keep_B = alive_B.nonzero().squeeze(1)
-                    cache.select_rows(keep_B)
+                    decoder.select_rows(keep_B)
                     row_B, alive_B, tok_B, next_pos_B = (
                         row_B[keep_B],
                         alive_B[keep_B],
@@ -341,8 +355,7 @@ class LocalEngine:
                     )
             if step == N - 1:
                 break
-            tok_B1 = tok_B[:, None]
-            h_BD = self.model(tok_B1, next_pos_B[:, None], torch.ones_like(tok_B1), kv_cache=cache)[:, -1]
+            h_BD = decoder.step(tok_B, next_pos_B)
             next_pos_B = next_pos_B + 1
 
         tokens, logprobs = tokens_RN.tolist(), logprobs_RN.tolist()
