@@ -397,6 +397,10 @@ class RLConfig(Section):
     top_k: int = 0  # 0 = off
     max_turns: int = 1  # policy turns per episode (multi-turn needs an environment)
     environment: str | None = None  # null (single turn), retry, or path/to/file.py:make_env
+    # which tokens may be sampled next, applied before temperature/top-p/top-k AND in the trainer's
+    # log-probs: null, semantic_ids (an event model's item-code trie: every sample is a real item;
+    # docs/events.md) or path/to/file.py:make_constraint (make(tokenizer) -> TokenConstraint)
+    constraint: str | None = None
     rewards: list[RLRewardSpec] = [RLRewardSpec(kind="exact_answer")]
     advantage_scale: Literal["group", "batch", "none"] = "group"  # divide by the group's std (or not)
     loss_aggregation: Literal["token", "sequence", "constant"] = "token"  # DAPO / GRPO / Dr. GRPO
@@ -424,6 +428,8 @@ class RLConfig(Section):
     def _check(self) -> RLConfig:
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size}: GRPO needs at least 2 completions per prompt")
+        if self.constraint is not None and self.environment is not None:
+            raise ValueError("constraint with an environment is not supported (the constraint sees one turn)")
         if self.max_turns > 1 and self.environment is None:
             raise ValueError(f"max_turns={self.max_turns} needs an environment (rl.environment)")
         if min(self.prompts_per_step, self.max_new_tokens, self.iterations_per_batch, self.mini_batches) < 1:
@@ -458,6 +464,11 @@ class EventsConfig(Section):
     loss_event_types: list[str] = []  # only events of these types bear loss (empty = all), e.g. [purchase]
     eval_ks: list[int] = [1, 5, 10, 20]  # recall@k and NDCG@k at these k
     beam_size: int = 20  # semantic-ID beam width at evaluation (>= the largest eval k)
+    # recipe grpo on event data: each user's last rl_prompts_per_user training events become prompts
+    # (the history before each, ending in its gap token); a recommended item is a hit when it is among
+    # the items of that event and the next rl_next_events - 1 training events (metadata next_items)
+    rl_prompts_per_user: int = 4
+    rl_next_events: int = 1
 
     @model_validator(mode="after")
     def _check(self) -> EventsConfig:
@@ -469,6 +480,8 @@ class EventsConfig(Section):
             raise ValueError(
                 f"beam_size={self.beam_size} must be >= the largest eval k ({max(self.eval_ks)})"
             )
+        if min(self.rl_prompts_per_user, self.rl_next_events) < 1:
+            raise ValueError("rl_prompts_per_user and rl_next_events must be >= 1")
         return self
 
 
@@ -490,7 +503,7 @@ class JobConfig(Section):
     reward: RewardConfig = RewardConfig()  # recipe rm only
     distill: DistillConfig | None = None  # recipe distill only (required there)
     rl: RLConfig = RLConfig()  # recipe grpo only
-    events: EventsConfig = EventsConfig()  # recipe events only
+    events: EventsConfig = EventsConfig()  # recipe events; and grpo when data.train holds events
 
 
 def gradient_accumulation_steps(training: TrainingConfig, world_size: int = 1) -> int:

@@ -11,7 +11,8 @@ which `on_error: skip` counts it. Formats and their fields:
   tokens             input_ids: [int], labels?: [int]       (pre-tokenised; -100 = no loss)
   preference         chosen, rejected: str or messages; prompt?: str or messages
                      (without a prompt, chosen and rejected are whole conversations)
-  rl_prompt          messages or prompt, answer: str | number, metadata?: {...} (what a reward needs)
+  rl_prompt          messages or prompt (or prompt_ids: [int], already token ids, e.g. an event
+                     history: docs/events.md), answer: str | number, metadata?: {...} (what a reward needs)
   distill            messages or prompt, completion: str (the teacher's),
                      teacher_topk?: {ids: [[int] * k] * T, logprobs: [[float] * k] * T}
                      (T = the completion's loss-bearing tokens; see posttrain/data/topk.py)
@@ -45,6 +46,7 @@ class RLPrompt:
     messages: list[dict]  # the conversation to generate from (no final assistant answer)
     answer: str  # reference answer the reward compares against (numbers are kept as their text)
     metadata: dict = field(default_factory=dict)  # anything else a reward function needs
+    prompt_ids: list[int] | None = None  # the prompt as token ids (then `messages` is empty): not rendered
 
 
 @dataclass
@@ -119,10 +121,13 @@ def _preference(obj: dict) -> PreferencePair:
 
 
 def _rl_prompt(obj: dict) -> RLPrompt:
-    messages = _prompt(obj)
+    prompt_ids = _int_list(obj, "prompt_ids", required=False)
+    if prompt_ids is not None and ("messages" in obj or "prompt" in obj):
+        raise DataError("give 'prompt_ids' or 'messages'/'prompt', not both", "ambiguous_prompt")
+    messages = [] if prompt_ids is not None else _prompt(obj)
     answer = field_of(obj, "answer", (str, int, float))
     metadata = field_of(obj, "metadata", dict, required=False) or {}
-    return RLPrompt(messages, str(answer), metadata)
+    return RLPrompt(messages, str(answer), metadata, prompt_ids)
 
 
 def _distill(obj: dict) -> DistillRecord:

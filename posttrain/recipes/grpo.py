@@ -8,6 +8,11 @@ shared Trainer (its optimizer, schedule, clipping, checkpoints), so everything S
 
 `training.max_steps` counts GRPO steps; checkpoints hold the policy, optimizer, schedule, the prompt
 stream's position and the step, and `training.resume` continues from the latest one.
+
+On event data (`data.train` of format `events`, `model.path` an event model), the prompts are users'
+histories as token ids and the held-out events are the eval prompts (posttrain/events/rl.py); with
+`rl.constraint: semantic_ids` every sample is a real item, and the summary adds held-out recall/NDCG
+of the constrained beam search before and after (`events_eval`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ FORMATS = ("rl_prompt",)
 
 def train(cfg: JobConfig) -> dict:
     """Run the job; returns the summary also written to OUTPUT/summary.json."""
-    check_formats(cfg, FORMATS + ("chat",))
+    check_formats(cfg, FORMATS + ("chat", "events"))
     if cfg.training.max_steps is None:
         raise ConfigError("recipe grpo: set training.max_steps (GRPO steps); training.num_epochs is not used")
     if cfg.rl.local and cfg.rl.policy_workers > 1:
@@ -55,8 +60,15 @@ def _train(cfg: JobConfig, out: Path, timer: Timer) -> dict:
     opt_steps_per_step = r.iterations_per_batch * r.mini_batches
     total_opt_steps = cfg.training.max_steps * opt_steps_per_step
 
-    # 1. Tokenizer and prompts (streamed, mixed, resumable), and the held-out prompts.
+    # 1. Tokenizer and prompts (streamed, mixed, resumable), and the held-out prompts. Event logs become
+    # prompt files first (users' histories as token ids; held-out events as data.eval).
     tokenizer = build_tokenizer(cfg.tokenizer)
+    event_prompts = None
+    if any(s.format == "events" for s in cfg.data.train_sources):
+        from posttrain.events.rl import prepare_grpo
+
+        event_prompts = prepare_grpo(cfg, tokenizer, out)
+        cfg = event_prompts.cfg
     max_prompt = cfg.data.max_tokens_per_pack - r.max_new_tokens * r.max_turns
     prompts = PromptStream(cfg.data, tokenizer, seed=cfg.seed, max_prompt_tokens=max_prompt)
     eval_prompts = load_eval_prompts(cfg.data, tokenizer)
@@ -118,6 +130,8 @@ def _train(cfg: JobConfig, out: Path, timer: Timer) -> dict:
 
         # 5. Export and summary.
         hf_dir = policy.call("export")[0] if cfg.training.export_hf else None
+        if hf_dir and event_prompts is not None:
+            event_prompts.vocab.save(hf_dir)  # the export is an event model again
         if hf_dir:
             trackers.log_artifact("hf", Path(hf_dir))
         policy_summary = policy.call("summary")[0]
@@ -150,9 +164,30 @@ def _train(cfg: JobConfig, out: Path, timer: Timer) -> dict:
         "local": r.local,
         **policy_summary,
     }
+    if event_prompts is not None:
+        summary["events"] = event_prompts.stats
+        summary["events_eval"] = _event_rankings(cfg, event_prompts, hf_dir, tokenizer.pad_id)
     write_summary(out, summary)
     runs.mark_ended(out, "finished")
     return summary
+
+
+def _event_rankings(cfg: JobConfig, event_prompts, hf_dir: str | None, pad_id: int) -> dict:
+    """Held-out recall/NDCG of the constrained beam search, of the starting model and of the export."""
+    from posttrain.events.rl import ranking_report
+    from posttrain.models.hf_io import load_pretrained
+
+    report = {}
+    for name, path in (("before", cfg.model.path), ("after", hf_dir)):
+        if path is not None:
+            report[name] = ranking_report(load_pretrained(path)[0], event_prompts, pad_id)
+    for k in cfg.events.eval_ks:
+        key = f"recall@{k}"
+        print(
+            f"[grpo] held-out {key} (beam search): "
+            + ", ".join(f"{n} {m[key]:.4f}" for n, m in report.items())
+        )
+    return report
 
 
 main = train

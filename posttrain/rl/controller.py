@@ -205,7 +205,8 @@ class GRPOController:
 
     # ------------------------------------------------------------------------------ evaluation
     def evaluate(self, eval_prompts: list) -> dict:
-        """Greedy exact-match accuracy on held-out prompts, with the current engine weights."""
+        """Greedy exact-match accuracy and the rl.rewards (`eval_reward/...`) on held-out prompts, with
+        the current engine weights."""
         from posttrain.rl.rewards import exact_answer
 
         if not eval_prompts:
@@ -217,6 +218,9 @@ class GRPOController:
             task = str(prompt.row.metadata.get("task", "all"))
             hits.setdefault(task, []).append(exact_answer(res.context))
         every = [h for v in hits.values() for h in v]
+        totals, reward_metrics = self.reward.call("score", [res.context for res in results])[0]
         out = {"eval_accuracy": sum(every) / len(every), "eval_time_s": time.perf_counter() - t}
+        out["eval_reward/mean"] = sum(totals) / len(totals)
+        out |= {f"eval_{k}": v for k, v in reward_metrics.items()}
         out |= {f"eval_accuracy/{k}": sum(v) / len(v) for k, v in sorted(hits.items())}
         return out

@@ -97,8 +97,13 @@ def run_episodes(
     make_env=None,
     max_turns: int = 1,
     max_episode_tokens: int | None = None,
+    decode=None,
 ) -> list[EpisodeResult]:
-    """group_size episodes per prompt, group-major; every turn of every live episode in one engine call."""
+    """group_size episodes per prompt, group-major; every turn of every live episode in one engine call.
+    `decode(token_ids) -> str` writes a turn as the text rewards read (default: the tokenizer's decode
+    without special tokens; an event model's writes the item ids its codes name)."""
+    if decode is None:
+        decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     n_ep = len(prompts) * group_size
     tokens = [list(prompt_ids[i // group_size]) for i in range(n_ep)]
     masks = [[0] * len(t) for t in tokens]
@@ -126,7 +131,7 @@ def run_episodes(
             tokens[i] += out.token_ids
             masks[i] += [1] * len(out.token_ids)
             logps[i] += list(out.logprobs)
-            text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+            text = decode(out.token_ids)
             last[i] = (list(out.token_ids), text, out.finish_reason)
             turns[i] += 1
             if envs[i] is None:

@@ -123,9 +123,14 @@ def token_logprobs(
     temperature: float = 1.0,
     num_real_vocab: int | None = None,
     chunk_size: int | None = None,
+    allowed_NV: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log softmax(h w^T / temperature)[target] at every loss position (targets != -100), flattened in
-    row-major order; exact gradients, never more than one [chunk, vocab] block of logits."""
+    row-major order; exact gradients, never more than one [chunk, vocab] block of logits.
+
+    With `allowed_NV` (bool [loss positions, real vocab], a sampling constraint's mask, `constraint_mask`)
+    the softmax runs over the allowed tokens only, as the rollout engine sampled. That path keeps the
+    [N, V] logits for backward (plain autograd): constrained completions are a few tokens each."""
     keep_N = targets_BT.reshape(-1) != IGNORE
     h_ND = h_BTD.reshape(-1, h_BTD.shape[-1])[keep_N]
     if temperature != 1.0:
@@ -135,7 +140,42 @@ def token_logprobs(
     vocab = num_real_vocab if num_real_vocab is not None else w_VD.shape[0]
     if h_ND.shape[0] == 0:
         return (h_BTD.sum() * 0.0 + w_VD.sum() * 0.0).float().reshape(1)[:0]
-    return _ChunkedTokenLogprobs.apply(h_ND, w_VD, targets_BT.reshape(-1)[keep_N], chunk_size, vocab)
+    t_N = targets_BT.reshape(-1)[keep_N]
+    if allowed_NV is not None:
+        logp_NV = _masked_logits(h_ND, w_VD, vocab, allowed_NV).log_softmax(-1)
+        return logp_NV.gather(-1, t_N[:, None]).squeeze(-1)
+    return _ChunkedTokenLogprobs.apply(h_ND, w_VD, t_N, chunk_size, vocab)
+
+
+def _masked_logits(
+    h_ND: torch.Tensor, w_VD: torch.Tensor, vocab: int, allowed_NV: torch.Tensor
+) -> torch.Tensor:
+    """fp32 logits over the real vocabulary with the disallowed tokens at -inf."""
+    if tuple(allowed_NV.shape) != (h_ND.shape[0], vocab):
+        raise ValueError(
+            f"allowed mask of shape {tuple(allowed_NV.shape)}, expected {(h_ND.shape[0], vocab)}"
+        )
+    logits_NV = (h_ND @ w_VD[:vocab].T).float()
+    return logits_NV.masked_fill(~allowed_NV.to(logits_NV.device), float("-inf"))
+
+
+def constraint_mask(
+    targets_BT: torch.Tensor, episode_index_BT: torch.Tensor, constraint, vocab_size: int
+) -> torch.Tensor:
+    """bool [loss positions, vocab_size], row-major like `token_logprobs`: what `constraint` (a
+    posttrain.rl.engine.TokenConstraint) allowed when each sampled token was drawn. A position's
+    generated prefix is the earlier loss tokens of its episode (an episode's tokens are consecutive in
+    one row, in order; single-turn: the rollout engine's whole generate call)."""
+    keep = targets_BT != IGNORE
+    seen: dict[int, list[int]] = {}
+    prefixes = []
+    for ep, tok in zip(episode_index_BT[keep].tolist(), targets_BT[keep].tolist()):
+        done = seen.setdefault(ep, [])
+        prefixes.append(list(done))
+        done.append(tok)
+    if not prefixes:
+        return torch.zeros((0, vocab_size), dtype=torch.bool)
+    return constraint.allowed(prefixes, vocab_size)
 
 
 @torch.no_grad()
@@ -147,14 +187,21 @@ def token_entropy(
     temperature: float = 1.0,
     num_real_vocab: int | None = None,
     chunk_size: int = 256,
+    allowed_NV: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) at every loss position (a metric: no gradient)."""
+    """Entropy of softmax(logits / temperature) at every loss position (a metric: no gradient); over the
+    allowed tokens only when a constraint's mask is given (as token_logprobs)."""
     keep_N = targets_BT.reshape(-1) != IGNORE
     h_ND = h_BTD.reshape(-1, h_BTD.shape[-1])[keep_N] / temperature
     vocab = num_real_vocab if num_real_vocab is not None else w_VD.shape[0]
     out = []
     for start in range(0, h_ND.shape[0], chunk_size):
-        logp = torch.log_softmax(_chunk_logits(h_ND[start : start + chunk_size], w_VD, vocab), dim=-1)
+        h_cD = h_ND[start : start + chunk_size]
+        if allowed_NV is None:
+            logits_cV = _chunk_logits(h_cD, w_VD, vocab)
+        else:
+            logits_cV = _masked_logits(h_cD, w_VD, vocab, allowed_NV[start : start + chunk_size])
+        logp = torch.log_softmax(logits_cV, dim=-1)
         p = logp.exp()
         out.append(-(p * logp.nan_to_num(neginf=0.0)).sum(-1))
     return torch.cat(out) if out else h_ND.new_zeros(0, dtype=torch.float32)
@@ -281,11 +328,16 @@ class GRPOLossConfig:
     chunk_size: int | None = None
 
 
-def grpo_loss_fn(cfg: GRPOLossConfig, num_real_vocab: int):
-    """loss_fn(model, batch) -> (sum of weighted token losses, summed metrics) for the shared trainer."""
+def grpo_loss_fn(cfg: GRPOLossConfig, num_real_vocab: int, constraint=None):
+    """loss_fn(model, batch) -> (sum of weighted token losses, summed metrics) for the shared trainer.
+    `constraint` (the rollout engine's TokenConstraint, if any) masks the policy's softmax as it did the
+    sampling, so the ratio and KL are those of the distribution that was sampled."""
 
     def loss_fn(model, batch):
         keep = batch["targets"] != IGNORE
+        allowed = None
+        if constraint is not None:
+            allowed = constraint_mask(batch["targets"], batch["episode_index"], constraint, num_real_vocab)
 
         def head(h_BTD, w_VD):
             return token_logprobs(
@@ -295,6 +347,7 @@ def grpo_loss_fn(cfg: GRPOLossConfig, num_real_vocab: int):
                 temperature=cfg.temperature,
                 num_real_vocab=num_real_vocab,
                 chunk_size=cfg.chunk_size,
+                allowed_NV=allowed,
             )
 
         logp = model(batch["input_ids"], batch["position_ids"], batch.get("doc_ids"), head_fn=head)

@@ -2,7 +2,8 @@
 
 The same sources, mixer and skip policy as every other recipe (posttrain/data/); what differs is the
 product: not packed training rows but prompts (the conversation, rendered with the chat template's
-generation prompt, and the reference answer a reward compares against). Prompts longer than
+generation prompt, and the reference answer a reward compares against). A row with `prompt_ids` is
+already tokens (an event history, posttrain/events/rl.py): used as is, after a range check. Prompts longer than
 `data.max_tokens_per_pack - rl.max_new_tokens` cannot fit an episode in a row and are skipped, counted
 as `prompt_too_long`. The state (source positions and skip counts, mixer draws) goes into checkpoints.
 """
@@ -25,7 +26,16 @@ class Prompt:
 
 
 def _render(tokenizer, row: RLPrompt) -> list[int]:
-    return tokenizer.render_prompt(row.messages)
+    if row.prompt_ids is None:
+        return tokenizer.render_prompt(row.messages)
+    bad = [t for t in row.prompt_ids if not 0 <= t < tokenizer.vocab_size]
+    if bad:
+        raise DataError(
+            f"field 'prompt_ids' has token id {bad[0]} outside the tokenizer's vocabulary "
+            f"(0..{tokenizer.vocab_size - 1}): ids made with another tokenizer?",
+            "bad_token_id",
+        )
+    return list(row.prompt_ids)
 
 
 class PromptStream:
@@ -119,8 +129,12 @@ def load_eval_prompts(data, tokenizer) -> list[Prompt]:
             row = validate("rl_prompt", record)
         except DataError as err:
             raise DataError(f"{loc}: {err} (data.eval of recipe grpo: rl_prompt rows)", err.reason) from None
+        try:
+            ids = _render(tokenizer, row)
+        except DataError as err:
+            raise DataError(f"{loc}: {err}", err.reason) from None
         stream.count_good()
-        out.append(Prompt(row, _render(tokenizer, row), 0))
+        out.append(Prompt(row, ids, 0))
         if data.eval.max_samples is not None and len(out) >= data.eval.max_samples:
             break
     return out

@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 
 from posttrain.config import JobConfig
-from posttrain.rl.grpo import GRPOLossConfig, grpo_loss_fn, loss_units_for, token_entropy, token_logprobs
+from posttrain.rl.grpo import (
+    GRPOLossConfig,
+    constraint_mask,
+    grpo_loss_fn,
+    loss_units_for,
+    token_entropy,
+    token_logprobs,
+)
 from posttrain.train.losses import IGNORE
 
 
@@ -44,21 +51,42 @@ def loss_config(cfg: JobConfig) -> GRPOLossConfig:
     )
 
 
+def build_constraint(cfg: JobConfig, tokenizer):
+    """rl.constraint -> (TokenConstraint, completion decoder or None), or (None, None) without one.
+
+    semantic_ids: the event model's item-code trie (event_vocab.json beside model.path), whose decoder
+    writes a completion as the item ids it names; path/to/file.py:make_constraint: make(tokenizer)."""
+    spec = cfg.rl.constraint
+    if spec is None:
+        return None, None
+    if spec == "semantic_ids":
+        from posttrain.errors import ConfigError
+        from posttrain.events.rl import ItemCodeConstraint
+
+        if cfg.model.path is None:
+            raise ConfigError("rl.constraint=semantic_ids reads event_vocab.json beside model.path; set it")
+        trie = ItemCodeConstraint.from_model_dir(cfg.model.path, tokenizer)
+        return trie, trie.decode
+    from posttrain.rl.rewards import load_function
+
+    return load_function(spec, "rl.constraint")(tokenizer), None
+
+
 @torch.no_grad()
-def batch_logprobs(model, batch: dict, cfg: JobConfig, tokenizer, *, entropy: bool):
+def batch_logprobs(model, batch: dict, cfg: JobConfig, tokenizer, *, entropy: bool, constraint=None):
     """(log-probs, entropies or None) at the batch's loss positions, row-major (as the loss reads them),
-    at rl.temperature over the tokenizer's real vocabulary."""
+    at rl.temperature over the tokenizer's real vocabulary (the allowed tokens, with a constraint)."""
     device = next(model.parameters()).device
     temperature, num_real_vocab = cfg.rl.temperature, tokenizer.vocab_size
+    allowed = None
+    if constraint is not None:
+        allowed = constraint_mask(batch["targets"], batch["episode_index"], constraint, num_real_vocab)
 
     def head(h, w):
         t = batch["targets"].to(device)
-        lp = token_logprobs(h, w, t, temperature=temperature, num_real_vocab=num_real_vocab)
-        ent = (
-            token_entropy(h, w, t, temperature=temperature, num_real_vocab=num_real_vocab)
-            if entropy
-            else None
-        )
+        opts = {"temperature": temperature, "num_real_vocab": num_real_vocab, "allowed_NV": allowed}
+        lp = token_logprobs(h, w, t, **opts)
+        ent = token_entropy(h, w, t, **opts) if entropy else None
         return lp, ent
 
     was_training = model.training
@@ -111,10 +139,11 @@ class PolicyWorker:
             cfg.model, self.tokenizer, cfg.seed, world=self.world, parallelism=cfg.parallelism
         )
         self.model = self.built.module
+        self.constraint, _ = build_constraint(cfg, self.tokenizer)
         device = next(self.model.parameters()).device
         self.trainer = Trainer(
             self.model,
-            grpo_loss_fn(loss_config(cfg), self.tokenizer.vocab_size),
+            grpo_loss_fn(loss_config(cfg), self.tokenizer.vocab_size, self.constraint),
             training=cfg.training,
             optim=cfg.optim,
             schedule=cfg.schedule,
@@ -134,7 +163,10 @@ class PolicyWorker:
 
     def logprobs(self, batches: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per micro-batch (log-probs, entropies) of the current policy (GRPO's "old" policy)."""
-        return [batch_logprobs(self.model, b, self.cfg, self.tokenizer, entropy=True) for b in batches]
+        return [
+            batch_logprobs(self.model, b, self.cfg, self.tokenizer, entropy=True, constraint=self.constraint)
+            for b in batches
+        ]
 
     def train_step(self, batches: list[dict]) -> dict:
         t0 = time.perf_counter()
@@ -206,10 +238,13 @@ class RolloutWorker:
 
         self.cfg = cfg
         self.tokenizer = _tokenizer(cfg)
+        constraint, self.decode = build_constraint(cfg, self.tokenizer)
         if cfg.rl.engine == "vllm":
             from posttrain.errors import ConfigError
             from posttrain.rl.vllm_engine import VLLMEngine
 
+            if constraint is not None:
+                raise ConfigError("rl.constraint needs rl.engine=local (the vLLM adapter does not apply it)")
             if cfg.model.path is None:
                 raise ConfigError(
                     "rl.engine=vllm starts vLLM on model.path (an HF checkpoint directory); set it"
@@ -222,7 +257,10 @@ class RolloutWorker:
             for p in model.parameters():
                 p.requires_grad_(False)
             self.engine = LocalEngine(
-                model, pad_id=self.tokenizer.pad_id, num_real_vocab=self.tokenizer.vocab_size
+                model,
+                pad_id=self.tokenizer.pad_id,
+                num_real_vocab=self.tokenizer.vocab_size,
+                constraint=constraint,
             )
         self.make_env = None
         if cfg.rl.environment is not None:
@@ -263,6 +301,7 @@ class RolloutWorker:
             make_env=None if greedy else self.make_env,
             max_turns=r.max_turns,
             max_episode_tokens=self.cfg.data.max_tokens_per_pack,
+            decode=self.decode,
         )
 
 
@@ -286,9 +325,15 @@ class ReferenceWorker:
         self.model = _single_device_model(cfg, self.tokenizer)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.constraint, _ = build_constraint(cfg, self.tokenizer)
 
     def logprobs(self, batches: list[dict]) -> list[torch.Tensor]:
-        return [batch_logprobs(self.model, b, self.cfg, self.tokenizer, entropy=False)[0] for b in batches]
+        return [
+            batch_logprobs(
+                self.model, b, self.cfg, self.tokenizer, entropy=False, constraint=self.constraint
+            )[0]
+            for b in batches
+        ]
 
 
 class RewardWorker:

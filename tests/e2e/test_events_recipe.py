@@ -32,9 +32,8 @@ def run(config: str, out: Path, *overrides: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("events") / "tiny"
-    return out, run("configs/tiny/events.yaml", out, "training.eval_every_steps=0")
+def base(tiny_events_run) -> tuple[Path, dict]:
+    return tiny_events_run  # tests/e2e/conftest.py: trained once per session, shared with test_events_grpo
 
 
 def test_tiny_config_beats_both_baselines(base):
