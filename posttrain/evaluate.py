@@ -1,9 +1,14 @@
-"""Held-out exact-match accuracy with greedy decoding, per task and overall.
+"""Held-out exact-match accuracy, per task and overall: greedy, and of sampled answers.
 
 Rows are chat rows (`messages` ending with the reference assistant answer, plus `answer` and
 `task`). `prompt_format="chat"` asks through the chat template, as a user would;
 `prompt_format="text"` asks in the plain pretraining format (`{question} Answer:`), which is how a
 base model that never saw chat markup can still be measured fairly.
+
+`sampled_exact_match_accuracy` samples k answers per question with the RL rollout engine and reports
+their mean exact match (the pass@1 estimate RL papers report, e.g. DeepSeek-R1's "pass@1 over k samples
+at temperature T") and pass@k. It is what on-policy RL optimises directly: GRPO raises the probability of
+right answers, which moves the sampled accuracy before (and more than) the greedy one.
 """
 
 from __future__ import annotations
@@ -52,6 +57,53 @@ def exact_match_accuracy(
         hits[row.get("task", "all")].append(ok)
     total = [h for v in hits.values() for h in v]
     result = {"accuracy": sum(total) / max(1, len(total)), "num": len(total)}
+    result.update({f"accuracy/{task}": sum(v) / len(v) for task, v in sorted(hits.items())})
+    return result
+
+
+def sampled_exact_match_accuracy(
+    model,
+    tokenizer: Tokenizer,
+    rows: list[dict],
+    *,
+    samples_per_prompt: int = 8,
+    temperature: float = 1.0,
+    max_new_tokens: int = 24,
+    seed: int = 0,
+) -> dict:
+    """{"accuracy": mean exact match of all sampled answers, "pass@k": share of questions with at least
+    one right answer among the k = samples_per_prompt, "accuracy/<task>": per task, "num": questions}.
+
+    Chat prompts, our KV-cache engine (posttrain.rl.engine.LocalEngine), a fixed seed: the same seed on
+    two checkpoints draws the same random numbers, so their difference is less noisy than two seeds'."""
+    from posttrain.rl.engine import LocalEngine, SamplingParams
+
+    engine = LocalEngine(model, pad_id=tokenizer.pad_id, num_real_vocab=tokenizer.vocab_size)
+    prompts = [_prompt_ids(tokenizer, row, "chat") for row in rows]
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        stop_ids=(tokenizer.end_of_turn_id, tokenizer.eos_id, tokenizer.doc_sep_id),  # as greedy's
+        n=samples_per_prompt,
+        seed=seed,
+    )
+    outs = engine.generate(prompts, params)  # prompt-major: row i's samples are i*k .. i*k + k - 1
+    hits: dict[str, list[float]] = defaultdict(list)
+    solved = []
+    for i, row in enumerate(rows):
+        k = samples_per_prompt
+        right = [
+            exact_match(tokenizer.decode(o.token_ids, skip_special_tokens=True), row["answer"])
+            for o in outs[i * k : (i + 1) * k]
+        ]
+        hits[row.get("task", "all")].append(sum(right) / k)
+        solved.append(any(right))
+    total = [h for v in hits.values() for h in v]
+    result = {
+        "accuracy": sum(total) / max(1, len(total)),
+        f"pass@{samples_per_prompt}": sum(solved) / max(1, len(solved)),
+        "num": len(total),
+    }
     result.update({f"accuracy/{task}": sum(v) / len(v) for task, v in sorted(hits.items())})
     return result
 

@@ -29,13 +29,19 @@ def test_quick_demo_prints_table_and_report(tmp_path):
         "grpo",
         "GRPO training reward",
         "pref acc",
+        "sampled acc (mean@2)",
+        "pass@2",
     ):
         assert heading in res.stdout
     report = json.loads((tmp_path / "demo_report.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["pretrain (base)", "sft", "dpo", "grpo"]
-    assert report["num_heldout"] == 300
+    assert report["num_heldout"] == 48 and report["samples_per_prompt"] == 2  # --quick scores a subset
     for stage in report["stages"]:
         assert 0.0 <= stage["heldout_accuracy_chat"] <= 1.0 and stage["tokens_per_s"] > 0
+        # k = 2 answers per question: the mean is a multiple of 1/(2 x 48), pass@2 bounds it from above
+        hits = stage["heldout_accuracy_sampled"] * 96
+        assert abs(hits - round(hits)) < 1e-9
+        assert stage["heldout_accuracy_sampled"] <= stage["heldout_pass_at_k"] <= 1.0
         assert 0.0 <= stage["heldout_preference_accuracy"] <= 1.0
         assert (tmp_path / stage["hf_dir"].split(str(tmp_path) + "/")[-1] / "config.json").is_file()
     # Each stage trained: its loss fell over its 12 steps.
