@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/posttrain demo --output-dir runs/demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
