@@ -22,7 +22,9 @@ def tiny_events_run(tmp_path_factory, worker_id) -> tuple[Path, dict]:
     from posttrain.config import load_job
     from posttrain.recipes import events
 
-    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    shared = (
+        tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    )
     out = shared / "events-shared" / "tiny"
     with FileLock(str(shared / "events-shared.lock")):
         summary_file = out / "summary.json"
