@@ -185,7 +185,7 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     visibly different loss curve; in fp64 the coefficient (applied in fp32) comes out identical, so a
     data-parallel run follows the single-process run bit for bit (tests/distributed). Gradients that
     are still Partial (unreduced) fall back to DTensor's own norm."""
-    from torch.distributed.tensor import DTensor, Partial, Shard
+    from torch.distributed.tensor import DTensor, Partial
 
     groups: dict[object, list[torch.Tensor]] = defaultdict(list)
     for p in params:
@@ -203,7 +203,9 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
         if key is not None:
             mesh, placements = key
             for dim, placement in enumerate(placements):
-                if isinstance(placement, Shard):
+                # Shard, or FSDP-over-TP's _StridedShard (not a Shard subclass): every placement that
+                # is neither replicated nor partial splits the tensor, so its pieces' squares add up.
+                if not placement.is_replicate():
                     torch.distributed.all_reduce(local, group=mesh.get_group(dim))
         total_sq += local.cpu()
     total = float(total_sq.sqrt())
