@@ -85,6 +85,28 @@ def test_verify_cli_on_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "PASSED" in capsys.readouterr().out
 
 
+def test_verify_cli_exits_1_and_names_the_module_when_ours_drifts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A definition that drifts from transformers (here: our load of the checkpoint gets layer 1's MLP
+    perturbed, transformers' does not) fails the CLI with exit code 1 and the first diverging module."""
+    from posttrain.models import verify
+
+    model, config = tiny(tied=False)
+    save_pretrained(model, config, tmp_path)
+
+    def drifted_load(path, dtype=torch.float32):
+        ours, cfg = load_pretrained(path, dtype=dtype)
+        with torch.no_grad():
+            ours.layers[1].mlp.up_proj.weight.add_(0.5)
+        return ours, cfg
+
+    monkeypatch.setattr(verify, "load_pretrained", drifted_load)
+    assert main(["--hf-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "first diverging module: layers.1" in out
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_save_load_round_trip_bitwise(tmp_path: Path, tied: bool) -> None:
     model, config = tiny(tied)
