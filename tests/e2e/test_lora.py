@@ -266,3 +266,32 @@ def test_moe_experts_target(tmp_path):
         lora_off = model.logits(model(ids))
     assert (ours - hf).abs().max().item() <= TOL
     assert (ours - lora_off).abs().max().item() <= 1e-5
+
+
+def test_dropout_applies_to_the_adapter_input_only_and_is_off_in_eval():
+    """PEFT's LoRA dropout: y = base(x) + s * B A dropout(x). In training the adapter sees the dropped,
+    1/(1-p)-rescaled input (the same mask torch draws for that seed) while the frozen path sees x; in
+    eval there is no dropout; the PEFT export carries lora_dropout."""
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(torch.nn.Linear(16, 8), rank=4, alpha=8.0, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_b.weight.normal_()  # a non-zero update, so the adapter path is visible
+    x = torch.randn(32, 16)
+    base = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    update = lambda inp: layer.lora_b(layer.lora_a(inp)) * layer.scaling  # noqa: E731
+
+    layer.train()
+    torch.manual_seed(1)
+    y_train = layer(x)
+    torch.manual_seed(1)
+    dropped = torch.nn.functional.dropout(x, p=0.5, training=True)
+    assert (dropped == 0).float().mean().item() == pytest.approx(0.5, abs=0.1)
+    torch.testing.assert_close(y_train, base + update(dropped), rtol=0, atol=1e-6)
+    assert (y_train - base - update(x)).abs().max() > 1e-2  # the adapter really saw a dropped input
+
+    layer.eval()
+    torch.testing.assert_close(layer(x), base + update(x), rtol=0, atol=1e-6)
+
+    model, _ = hf_io.build_model("qwen3", {**TINY_ARCH, "vocab_size": 128})
+    lora.apply_lora(model, rank=4, alpha=8.0, dropout=0.25, targets=["attention"])
+    assert lora.peft_adapter_config(model, base_model_path="base")["lora_dropout"] == 0.25
