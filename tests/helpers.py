@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -80,3 +83,37 @@ def make_trainer(model, loss_fn, cfg, output_dir: Path, total_steps: int, traini
         peak_flops_per_s=1.0,
         progress="quiet",
     )
+
+
+def cli_run(
+    config: str | Path,
+    out: Path,
+    *args: str,
+    base: list[str] = (),
+    env: dict | None = None,
+    check: bool = True,
+    timeout: int = 300,
+) -> subprocess.CompletedProcess:
+    """`posttrain run CONFIG [base] output_dir=OUT [overrides] [flags]` in a fresh process, one thread per
+    process (as the launcher gives each worker), output captured; args mix overrides and flags
+    (`--nproc`, its number); env adds variables for this run. Raises with the tail of the output when check and it fails."""
+    flags = [a for a in args if a.startswith("--") or a.isdigit()]
+    overrides = [a for a in args if a not in flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "posttrain.cli",
+        "run",
+        str(config),
+        *base,
+        f"output_dir={out}",
+        *overrides,
+        *flags,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc

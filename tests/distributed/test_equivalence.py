@@ -15,13 +15,12 @@ subprocesses (`posttrain run ... --nproc N`), i.e. what a user types.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_run
 
 from posttrain.train import checkpoint as ckpt
 
@@ -43,26 +42,7 @@ pytestmark = pytest.mark.distributed
 
 def run(out: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """`posttrain run CONFIG ...` in a fresh process; returns the finished process (output captured)."""
-    flags = [a for a in args if a.startswith("--") or a.isdigit()]
-    overrides = [a for a in args if a not in flags]
-    cmd = [
-        sys.executable,
-        "-m",
-        "posttrain.cli",
-        "run",
-        CONFIG,
-        *BASE,
-        f"output_dir={out}",
-        *overrides,
-        *flags,
-    ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        )
-    return proc
+    return cli_run(CONFIG, out, *args, base=BASE, env=env, check=check)
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -148,7 +128,9 @@ def test_fsdp_x_tp_on_a_2d_mesh_equals_single_process(tmp_path: Path, reference,
     # The clipping norm sums every shard once (FSDP over TP shards with _StridedShard placements): a
     # missed reduction shows here before it shows in the losses.
     single = grad_norm_at_step_1(reference_out)
-    assert grad_norm_at_step_1(out) == pytest.approx(single, rel=2e-5)  # TP: 4e-6 observed; a missed shard: 10%
+    assert grad_norm_at_step_1(out) == pytest.approx(
+        single, rel=2e-5
+    )  # TP: 4e-6 observed; a missed shard: 10%
     summary = json.loads((out / "summary.json").read_text())
     assert summary["parallelism"] == {"dp_replicate": 1, "dp_shard": 2, "tp": 2}
 

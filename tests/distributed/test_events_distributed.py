@@ -6,14 +6,11 @@ way. Runs are `posttrain run ... --nproc 2` subprocesses."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import cli_run
 
-ROOT = Path(__file__).resolve().parents[2]
 BASE = [
     "training.max_steps=4",
     "training.eval_every_steps=0",
@@ -25,22 +22,7 @@ pytestmark = pytest.mark.distributed
 
 
 def run(out: Path, *args: str) -> dict[int, float]:
-    flags = [a for a in args if a.startswith("--") or a.isdigit()]
-    overrides = [a for a in args if a not in flags]
-    cmd = [
-        sys.executable,
-        "-m",
-        "posttrain.cli",
-        "run",
-        "configs/tiny/events.yaml",
-        *BASE,
-        f"output_dir={out}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [*cmd, *overrides, *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    cli_run("configs/tiny/events.yaml", out, *args, base=BASE, timeout=600)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
