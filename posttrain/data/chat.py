@@ -17,6 +17,7 @@ the loss.
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any, Literal
 
 from posttrain.errors import DataError
@@ -66,19 +67,28 @@ def has_generation_markers(hf_tokenizer: Any) -> bool:
     return GENERATION_TAG.search(template) is not None
 
 
+# transformers compiles each chat template once per process (an lru_cache) with ONE AssistantTracker for
+# its `{% generation %}` markers, so two threads rendering at once (the background packer and the training
+# loop, or an evaluation) raise "AssistantTracker should not be reused before closed" or record into each
+# other's masks. Every render goes through this lock.
+_TEMPLATE_LOCK = threading.Lock()
+
+
 def render_ids(hf_tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
     """The stock template rendering, as a plain list of ids."""
-    out = hf_tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
-    )
+    with _TEMPLATE_LOCK:
+        out = hf_tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+        )
     return list(out["input_ids"])
 
 
 def spans_from_markers(hf_tokenizer: Any, messages: list[dict]) -> tuple[list[int], list[Span]]:
     """Ids and assistant spans from the template's `{% generation %}` markers (one span per run of 1s)."""
-    out = hf_tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
+    with _TEMPLATE_LOCK:
+        out = hf_tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
     ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
     spans: list[Span] = []
     for i, bit in enumerate(mask):
