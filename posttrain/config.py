@@ -240,6 +240,9 @@ class TrainingConfig(Section):
     log_every_steps: int = 1
     resume: bool = False  # continue from the latest checkpoint in output_dir
     export_hf: bool = True  # write output_dir/hf at the end
+    # dtype of the exported weights (and config.json's `dtype`); auto = the parameters' dtype
+    # (model.dtype: fp32 master weights export as fp32, a pure-bf16 run as bf16)
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainingConfig:

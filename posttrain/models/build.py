@@ -277,11 +277,14 @@ def flops_fn_for(built: BuiltModel) -> Callable[[list[int], int], float]:
     )
 
 
-def export_hf(built: BuiltModel, tokenizer: Tokenizer, out_dir: Path, progress: str = "quiet") -> Path | None:
-    """See `_export_hf`. Distributed: every rank takes part in gathering the full state; rank 0 loads it
-    into the unsharded twin and writes the export (other ranks return None). progress: rank 0's mode."""
+def export_hf(
+    built: BuiltModel, tokenizer: Tokenizer, out_dir: Path, progress: str = "quiet", dtype: str = "auto"
+) -> Path | None:
+    """See `_export_hf`. dtype: training.export_dtype (auto = the parameters' dtype). Distributed: every
+    rank takes part in gathering the full state; rank 0 loads it into the unsharded twin and writes the
+    export (other ranks return None). progress: rank 0's mode."""
     if built.world is None or not built.world.distributed:
-        return _export_hf(built, tokenizer, out_dir, progress)
+        return _export_hf(built, tokenizer, out_dir, progress, _export_dtype(built.module, dtype))
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(
@@ -294,15 +297,33 @@ def export_hf(built: BuiltModel, tokenizer: Tokenizer, out_dir: Path, progress: 
         if hasattr(twin, "rebuild_buffers"):
             twin.rebuild_buffers()
         plain = dataclasses.replace(built, module=twin, world=None, twin=None)
-        path = _export_hf(plain, tokenizer, out_dir, progress)
+        path = _export_hf(plain, tokenizer, out_dir, progress, _export_dtype(built.module, dtype))
         built.notes[:] = plain.notes
         built.twin = twin.to("meta")  # release the gathered copy
     built.world.barrier()
     return path
 
 
-def _export_hf(built: BuiltModel, tokenizer: Tokenizer, out_dir: Path, progress: str = "quiet") -> Path:
-    """OUTPUT/hf: weights (LoRA merged, vocabulary trimmed), config.json, generation_config.json, tokenizer.
+def _export_dtype(module: nn.Module, name: str) -> torch.dtype:
+    """training.export_dtype -> a torch dtype; auto = the dtype most parameters are held in (LoRA
+    adapters and heads may differ from the base weights, the base weights decide)."""
+    if name != "auto":
+        return getattr(torch, name)
+    counts: dict[torch.dtype, int] = {}
+    for p in module.parameters():
+        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _export_hf(
+    built: BuiltModel,
+    tokenizer: Tokenizer,
+    out_dir: Path,
+    progress: str = "quiet",
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """OUTPUT/hf: weights (LoRA merged, vocabulary trimmed) in `dtype`, config.json (its `dtype` says
+    which), generation_config.json, tokenizer.
 
     With LoRA also OUTPUT/adapter, a PEFT adapter for the base model at model.path (not for adapters on
     MoE experts, which PEFT cannot address in transformers' fused experts: a note says so instead)."""
@@ -321,7 +342,7 @@ def _export_hf(built: BuiltModel, tokenizer: Tokenizer, out_dir: Path, progress:
     if built.backend == "hf":
         from posttrain.models.hf_backend import save_hf_backend
 
-        save_hf_backend(built.module, out_dir, built.export_vocab_size)
+        save_hf_backend(built.module, out_dir, built.export_vocab_size, dtype)
     else:
         sd = lora.merged_state_dict(built.module) if built.has_lora else built.module.state_dict()
         sd = vocab.trimmed_state_dict(sd, built.export_vocab_size)
@@ -333,6 +354,7 @@ def _export_hf(built: BuiltModel, tokenizer: Tokenizer, out_dir: Path, progress:
                 built.classifier_head,
                 out_dir,
                 pad_token_id=tokenizer.pad_id,
+                dtype=dtype,
                 state_dict=sd,
             )
         else:
@@ -340,6 +362,7 @@ def _export_hf(built: BuiltModel, tokenizer: Tokenizer, out_dir: Path, progress:
                 built.module,
                 config,
                 out_dir,
+                dtype=dtype,
                 token_ids=ids,
                 generation_config=gen,
                 state_dict=sd,

@@ -114,9 +114,14 @@ def hf_backend_flops_fn(model: HFCausalLM):
     )
 
 
-def save_hf_backend(model: HFCausalLM, out_dir: Path, vocab_size: int) -> Path:
-    """save_pretrained with the vocabulary trimmed to `vocab_size` rows (end of training: trims in place)."""
+def save_hf_backend(
+    model: HFCausalLM, out_dir: Path, vocab_size: int, dtype: torch.dtype | None = None
+) -> Path:
+    """save_pretrained with the vocabulary trimmed to `vocab_size` rows, in `dtype` (None: as held).
+    End of training: trims and casts in place."""
     if model.output_weight().shape[0] > vocab_size:
         model.hf.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if dtype is not None:
+        model.hf.to(dtype)
     model.hf.save_pretrained(str(out_dir))
     return out_dir

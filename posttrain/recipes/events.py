@@ -120,7 +120,11 @@ def _train(cfg: JobConfig, world) -> dict:
     # (without eval_every_steps the report below is the only evaluation: fit would repeat part of it)
     final = trainer.fit(loader, evaluate if queries and cfg.training.eval_every_steps else None)
     loader.close()
-    hf_dir = export_hf(built, tokenizer, out / "hf") if cfg.training.export_hf else None
+    hf_dir = (
+        export_hf(built, tokenizer, out / "hf", dtype=cfg.training.export_dtype)
+        if cfg.training.export_hf
+        else None
+    )
     if hf_dir is not None and world.is_main:
         events.vocab.save(hf_dir)
     report = {}

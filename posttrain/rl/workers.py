@@ -202,7 +202,8 @@ class PolicyWorker:
     def export(self) -> str | None:
         from posttrain.models.build import export_hf
 
-        out = export_hf(self.built, self.tokenizer, Path(self.cfg.output_dir) / "hf")
+        out_dir = Path(self.cfg.output_dir) / "hf"
+        out = export_hf(self.built, self.tokenizer, out_dir, dtype=self.cfg.training.export_dtype)
         return str(out) if out else None
 
     def summary(self) -> dict:

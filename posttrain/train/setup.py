@@ -303,7 +303,11 @@ def train_export_summarise(
         final = trainer.fit(loader, evaluate)
         loader.close()
         mode = progress_mode(cfg, world)
-        hf_dir = export_hf(built, tokenizer, out / "hf", progress=mode) if cfg.training.export_hf else None
+        hf_dir = (
+            export_hf(built, tokenizer, out / "hf", progress=mode, dtype=cfg.training.export_dtype)
+            if cfg.training.export_hf
+            else None
+        )
         summary = run_summary(cfg, world, built, trainer, loader, timer, hf_dir, eval_skips, final=final)
     except BaseException as err:
         trainer.end_tracking(end_status(err))
