@@ -2,13 +2,18 @@
 
 The token ids we train on must be exactly what `apply_chat_template` produces, or a fine-tuned model
 sees a format at training time that it never sees at inference. So we never build chat ids ourselves;
-we only decide which of the template's tokens carry loss:
+we only decide which of the template's tokens carry loss, in two steps:
 
-* a template with `{% generation %}` markers tells us directly (`return_assistant_tokens_mask`);
-* any other template is handled by rendering growing prefixes of the conversation and diffing the
-  token ids: an assistant turn's loss span is the tokens it adds after the generation prompt, up to
-  and including its first end-of-turn token. This needs the template to be prefix-stable (rendering
-  a prefix yields a prefix of the ids); when it is not, we stop with a `DataError` rather than guess.
+1. Find each assistant answer as a CHARACTER span of the rendered text (posttrain/data/chat_spans.py):
+   from the template's `{% generation %}` markers when it has them, otherwise by diffing the TEXT of
+   growing renderings (the generation prompt before a turn ends where the answer starts; the answer
+   ends with its first end-of-turn marker).
+2. Tokenise the full rendering once, with character offsets, exactly as `apply_chat_template` does
+   (no special tokens added; the ids are checked against the stock rendering), and label every token
+   that overlaps an answer span.
+
+Working in characters rather than token ids means a template only has to be prefix-stable as TEXT:
+an answer starting with spaces, whose first token swallows the newline before it, is fine.
 
 Labels are aligned with input_ids (labels[i] is input_ids[i] or IGNORE_INDEX); shifting happens in
 the loss.
@@ -17,10 +22,19 @@ the loss.
 from __future__ import annotations
 
 import re
-import threading
+from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
 from typing import Any, Literal
 
-from posttrain.errors import DataError
+from posttrain.data.chat_spans import (
+    _TEMPLATE_LOCK,
+    CharSpan,
+    char_spans_from_markers,
+    char_spans_from_prefixes,
+    render_ids,
+    render_text,
+)
+from posttrain.errors import DataError, ModelError
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -67,87 +81,85 @@ def has_generation_markers(hf_tokenizer: Any) -> bool:
     return GENERATION_TAG.search(template) is not None
 
 
-# transformers compiles each chat template once per process (an lru_cache) with ONE AssistantTracker for
-# its `{% generation %}` markers, so two threads rendering at once (the background packer and the training
-# loop, or an evaluation) raise "AssistantTracker should not be reused before closed" or record into each
-# other's masks. Every render goes through this lock.
-_TEMPLATE_LOCK = threading.Lock()
+def token_spans(offsets: list[tuple[int, int]], char_spans: list[CharSpan]) -> list[Span]:
+    """Token spans covering each character span: every token that overlaps it is in.
 
-
-def render_ids(hf_tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    """The stock template rendering, as a plain list of ids."""
-    with _TEMPLATE_LOCK:
-        out = hf_tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
-        )
-    return list(out["input_ids"])
-
-
-def spans_from_markers(hf_tokenizer: Any, messages: list[dict]) -> tuple[list[int], list[Span]]:
-    """Ids and assistant spans from the template's `{% generation %}` markers (one span per run of 1s)."""
-    with _TEMPLATE_LOCK:
-        out = hf_tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    A token straddling a boundary is labelled: the SmolLM2/GPT-2 pre-tokenizer merges the newline that
+    ends the generation prompt with an answer's leading spaces ("\n" + "  hi" -> "\n ", " hi"), and
+    dropping that token would lose the answer's first character from the loss. This is also what
+    `return_assistant_tokens_mask` does (first token = the one holding the span's first character,
+    last = the one holding its last), so marker and prefix masks agree with TRL's training templates;
+    except that transformers takes the FIRST token holding the last character, dropping the later
+    byte pieces of a final emoji, which overlap and so are labelled here. Offsets of one sequence are non-decreasing, so both ends are binary searches. Spans that touch
+    or share a token merge, so `last_assistant` keeps a whole answer.
+    """
+    starts = [a for a, _ in offsets]
+    ends = [b for _, b in offsets]
     spans: list[Span] = []
-    for i, bit in enumerate(mask):
-        if bit and (i == 0 or not mask[i - 1]):
-            spans.append((i, i + 1))
-        elif bit:
-            spans[-1] = (spans[-1][0], i + 1)
-    return ids, spans
-
-
-def spans_from_prefixes(
-    hf_tokenizer: Any, messages: list[dict], end_of_turn_id: int
-) -> tuple[list[int], list[Span]]:
-    """Ids and assistant spans by diffing prefix renderings; works with any prefix-stable template."""
-    full = render_ids(hf_tokenizer, messages)
-    spans: list[Span] = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+    for char_start, char_end in char_spans:
+        first = bisect_right(ends, char_start)  # first token ending after the span starts
+        last = bisect_left(starts, char_end)  # one past the last token starting before it ends
+        if first >= last:
             continue
-        prompt = render_ids(hf_tokenizer, messages[:i], add_generation_prompt=True) if i else []
-        upto = render_ids(hf_tokenizer, messages[: i + 1])
-        _check_prefix(prompt, upto, f"the generation prompt before message {i + 1}")
-        _check_prefix(upto, full, f"messages 1..{i + 1}")
-        start = len(prompt)
-        new = upto[start:]
-        # The turn ends at its first end-of-turn token; anything after (a newline, say) is template
-        # glue the model never has to produce. No end-of-turn token: the whole turn is the span.
-        end = start + new.index(end_of_turn_id) + 1 if end_of_turn_id in new else len(upto)
-        if end > start:
-            spans.append((start, end))
-    return full, spans
+        if spans and first <= spans[-1][1]:  # blocks that touch (content, then a closing eos) are one span
+            spans[-1] = (spans[-1][0], max(last, spans[-1][1]))
+        else:
+            spans.append((first, last))
+    return spans
 
 
-def _check_prefix(prefix: list[int], ids: list[int], what: str) -> None:
-    if ids[: len(prefix)] != prefix:
-        at = next((k for k, (a, b) in enumerate(zip(prefix, ids)) if a != b), min(len(prefix), len(ids)))
-        raise DataError(
-            f"chat template is not prefix-stable: rendering {what} is not a prefix of the longer "
-            f"rendering (ids differ at position {at}); add {{% generation %}} markers to the template"
+def tokenise_rendering(hf_tokenizer: Any, text: str, messages: list[dict]) -> tuple[list[int], list]:
+    """Ids and character offsets of the rendered text, tokenised as `apply_chat_template` does.
+
+    apply_chat_template tokenises its rendering with `add_special_tokens=False` (the template writes
+    any BOS itself); we do the same with offsets and check the ids against the stock call, so a text
+    we rendered differently, or a transformers change, is an error rather than a silent format shift.
+    """
+    if not getattr(hf_tokenizer, "is_fast", False):
+        raise ModelError(
+            f"tokenizer {getattr(hf_tokenizer, 'name_or_path', '')!r} is not a fast tokenizer: chat loss "
+            "masks need character offsets (save it with tokenizer.json)"
         )
+    with _TEMPLATE_LOCK:  # a call sets the backend's truncation/padding state: not shared mid-render
+        out = hf_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(out["input_ids"])
+    stock = render_ids(hf_tokenizer, messages)
+    if ids != stock:
+        at = next((k for k, (a, b) in enumerate(zip(ids, stock)) if a != b), min(len(ids), len(stock)))
+        raise DataError(
+            f"tokenising the rendered chat gave ids that differ from apply_chat_template's at position "
+            f"{at} ({len(ids)} vs {len(stock)} ids)",
+            "template_tokenisation",
+        )
+    return ids, [tuple(o) for o in out["offset_mapping"]]
 
 
 def assistant_labels(
     hf_tokenizer: Any,
     messages: list[dict],
-    end_of_turn_id: int,
+    end_of_turn_id: int | Sequence[int],
     mask: MaskPolicy = "all_assistant",
     method: Literal["auto", "markers", "prefixes"] = "auto",
 ) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for a conversation; labels keep only assistant spans chosen by `mask`."""
+    """(input_ids, labels) for a conversation; labels keep only assistant spans chosen by `mask`.
+
+    `end_of_turn_id` closes an answer for the prefix method (its text is searched in the rendering);
+    several ids when a template closes answers differently (gpt-oss: `<|end|>`, finally `<|return|>`).
+    Marker templates say where answers end themselves.
+    """
     messages = validate_messages(messages)
     if mask not in ("all_assistant", "last_assistant"):
         raise DataError(f"unknown mask policy {mask!r} (expected all_assistant or last_assistant)")
     if method == "auto":
         method = "markers" if has_generation_markers(hf_tokenizer) else "prefixes"
     if method == "markers":
-        ids, spans = spans_from_markers(hf_tokenizer, messages)
+        text, char_spans = char_spans_from_markers(hf_tokenizer, messages)
     else:
-        ids, spans = spans_from_prefixes(hf_tokenizer, messages, end_of_turn_id)
+        eot_ids = [end_of_turn_id] if isinstance(end_of_turn_id, int) else list(end_of_turn_id)
+        end_of_turn = [hf_tokenizer.decode([i], skip_special_tokens=False) for i in eot_ids]
+        text, char_spans = char_spans_from_prefixes(hf_tokenizer, messages, end_of_turn)
+    ids, offsets = tokenise_rendering(hf_tokenizer, text, messages)
+    spans = token_spans(offsets, char_spans)
     if mask == "last_assistant":
         spans = spans[-1:]
     labels = [IGNORE_INDEX] * len(ids)
@@ -156,3 +168,15 @@ def assistant_labels(
     if all(label == IGNORE_INDEX for label in labels):
         raise DataError("no loss-bearing tokens: the template rendered no assistant tokens", "no_loss_tokens")
     return ids, labels
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "MaskPolicy",
+    "assistant_labels",
+    "has_generation_markers",
+    "render_ids",
+    "render_text",
+    "token_spans",
+    "validate_messages",
+]

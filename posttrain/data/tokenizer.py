@@ -17,8 +17,10 @@ from posttrain.data.chat import IGNORE_INDEX, MaskPolicy, assistant_labels, rend
 from posttrain.errors import ModelError
 
 BUILTIN = "builtin"
-# Preferred names, most specific first: ChatML's end of turn, then the GPT-2 style document end.
-END_OF_TURN_TOKEN = "<|im_end|>"
+# Tokens that end a chat turn, in order of preference: ChatML (Qwen, SmolLM), Llama 3, Gemma, Phi-3 and
+# gpt-oss (<|end|> closes earlier turns, <|return|> the final answer). The first one in the vocabulary is
+# `end_of_turn_id`; all of them close an answer's loss span; without any, the eos ends a turn.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|return|>")
 ENDOFTEXT_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
@@ -40,8 +42,11 @@ class Tokenizer:
         self.pad_id: int = self.hf.pad_token_id
         self.eos_id: int = self.hf.eos_token_id
         self.bos_id: int | None = self.hf.bos_token_id
-        # Chat turns end with <|im_end|> in ChatML tokenizers; elsewhere the eos ends a turn.
-        self.end_of_turn_id: int = self._token_id(END_OF_TURN_TOKEN, default=self.eos_id)
+        vocab = self.hf.get_vocab()
+        self.end_of_turn_ids: tuple[int, ...] = tuple(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab) or (
+            self.eos_id,
+        )
+        self.end_of_turn_id: int = self.end_of_turn_ids[0]
         # Pretraining documents are separated by <|endoftext|> where the vocabulary has one.
         self.doc_sep_id: int = self._token_id(ENDOFTEXT_TOKEN, default=self.eos_id)
 
@@ -98,7 +103,7 @@ class Tokenizer:
         self, messages: list[dict], mask: MaskPolicy = "all_assistant"
     ) -> tuple[list[int], list[int]]:
         """(input_ids, labels) of a conversation; ids equal the stock chat template rendering."""
-        return assistant_labels(self.hf, messages, self.end_of_turn_id, mask)
+        return assistant_labels(self.hf, messages, self.end_of_turn_ids, mask)
 
     def render_prompt(self, messages: list[dict]) -> list[int]:
         """Ids to generate from: the conversation without a final assistant answer, plus the

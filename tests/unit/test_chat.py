@@ -2,6 +2,7 @@
 
 Both mask methods are covered: `{% generation %}` markers (the embedded tokenizer) and prefix diffing
 (the same tokenizer with the markers stripped, a Qwen-style template, and a Llama-3-style tokenizer).
+Real templates against TRL's marked training templates: tests/unit/test_chat_templates.py.
 """
 
 from pathlib import Path
@@ -24,8 +25,9 @@ QWEN_STYLE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-# The generation prompt ends in a space that the answer's first token absorbs: not prefix-stable.
-UNSTABLE = (
+# The generation prompt ends in a space that the answer's first token absorbs: prefix-stable as text,
+# not as tokens (the old token diff refused it).
+MERGING = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ': ' + m['content'] + '<|im_end|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant: ' }}{% endif %}"
 )
@@ -161,12 +163,39 @@ def test_marker_and_prefix_methods_agree(tokenizers, conv):
     assert by_markers == tokenizers["no_markers"].render_chat(messages)
 
 
-def test_unstable_template_is_a_data_error(tmp_path):
-    tok = _with_template(tmp_path, "unstable", UNSTABLE)
-    with pytest.raises(DataError, match="not prefix-stable"):
-        tok.render_chat(
-            [{"role": "user", "content": "What is 47 + 8?"}, {"role": "assistant", "content": "55"}]
-        )
+def test_answer_merging_with_the_prompt_is_masked(tmp_path):
+    """The prompt's trailing space and the answer form one token, " 55": it is labelled (it overlaps
+    the answer), the ids are still the stock ones."""
+    tok = _with_template(tmp_path, "merging", MERGING)
+    messages = [{"role": "user", "content": "What is 47 + 8?"}, {"role": "assistant", "content": "55"}]
+    ids, labels = tok.render_chat(messages)
+    assert ids == _stock_ids(tok, messages)
+    assert [tok.decode(ids[s:e], skip_special_tokens=False) for s, e in _spans(labels)] == [" 55<|im_end|>"]
+    assert tok.decode(ids[-4:-2], skip_special_tokens=False) == "assistant:"
+
+
+def test_template_that_is_not_prefix_stable_as_text_is_a_data_error(tmp_path):
+    """A template that numbers the turns renders no prefix of the conversation as a prefix of it."""
+    template = "Turns: {{ messages|length }}\n" + QWEN_STYLE
+    tok = _with_template(tmp_path, "counting", template)
+    with pytest.raises(DataError, match="not prefix-stable") as err:
+        tok.render_chat(CONVERSATIONS[2])
+    assert err.value.reason == "template_not_prefix_stable"
+    assert str(err.value) == (
+        "chat template is not prefix-stable: the rendering of messages 1..2 (before message 3) is not a "
+        "text prefix of the full rendering (they differ at character 7: '2\\n<|im_start|>system' vs "
+        "'7\\n<|im_start|>system'); add {% generation %} markers to the template"
+    )
+
+
+def test_stock_ids_are_checked(tokenizers, monkeypatch):
+    """Our single tokenisation of the rendered text must give apply_chat_template's ids."""
+    import posttrain.data.chat as chat
+
+    monkeypatch.setattr(chat, "render_ids", lambda hf, messages: [0])
+    with pytest.raises(DataError, match="differ from apply_chat_template's at position 0") as err:
+        tokenizers["no_markers"].render_chat(CONVERSATIONS[1])
+    assert err.value.reason == "template_tokenisation"
 
 
 @pytest.mark.parametrize(

@@ -143,3 +143,14 @@ def test_save_roundtrip_keeps_added_tokens(tmp_path: Path):
     assert again.vocab_size == t.vocab_size
     assert again.encode("<think>") == t.encode("<think>")
     assert (again.pad_id, again.eos_id, again.end_of_turn_id) == (t.pad_id, t.eos_id, t.end_of_turn_id)
+
+
+def test_every_known_end_of_turn_token_closes_a_turn():
+    """Llama 3's <|eot_id|>, Gemma's <end_of_turn>, gpt-oss's <|end|>/<|return|> end turns too; the
+    ChatML <|im_end|>, when present, stays the preferred one."""
+    from posttrain.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir("builtin", extra_special_tokens=["<end_of_turn>", "<|return|>"])
+    vocab = tok.hf.get_vocab()
+    assert tok.end_of_turn_id == vocab["<|im_end|>"]
+    assert tok.end_of_turn_ids == (vocab["<|im_end|>"], vocab["<end_of_turn>"], vocab["<|return|>"])
