@@ -82,6 +82,9 @@ class ModelConfig(Section):
     # train only the embedding/output rows of tokens added to the tokenizer (semantic IDs, new special
     # tokens); other weights stay frozen (LoRA adapters, when configured, still train)
     train_new_token_rows_only: bool = False
+    # check on first load that our definition computes what transformers computes on model.path (short
+    # fp64 + fp32 logit check, cached per checkpoint; see models/verify_on_load.py); false skips it
+    verify: bool = True
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -243,6 +246,9 @@ class TrainingConfig(Section):
     # dtype of the exported weights (and config.json's `dtype`); auto = the parameters' dtype
     # (model.dtype: fp32 master weights export as fp32, a pure-bf16 run as bf16)
     export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # where a one-process job computes: auto = the first CUDA device when there is one, else the CPU.
+    # Launched workers (--nproc, Ray) take their local rank's GPU under auto/cuda.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainingConfig:

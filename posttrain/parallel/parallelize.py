@@ -146,6 +146,11 @@ def parallelize(
     """Apply the configured parallelism in place; returns notes on what was applied (for the summary)."""
     check_supported(model, par, backend=backend)
     notes = []
+    if not world.distributed and world.device.type != "cpu":
+        # A world of one on a GPU: the model was built (or loaded) on the CPU. FSDP moves sharded
+        # parameters itself; here the whole model moves, buffers included (rotary tables stay fp32).
+        model.to(world.device)
+        notes.append(f"on {world.device}")
     if world.distributed and world.layout.tp > 1:
         apply_tp(model, world.mesh["tp"])
         notes.append(f"tensor parallel over {world.layout.tp} ranks (attention heads and MLP columns split)")

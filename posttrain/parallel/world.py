@@ -149,17 +149,37 @@ def _store(world_size: int, timeout: datetime.timedelta):
     return dist.PrefixStore(f"posttrain/attempt_{attempt}", store)
 
 
+def use_cuda(device: str, par: ParallelismConfig | None = None) -> bool:
+    """training.device (auto | cpu | cuda) and parallelism.backend -> whether this process computes on a
+    GPU. Asking for CUDA on a machine without one is a config error, not a silent CPU run."""
+    if device == "cuda" or (par is not None and par.backend == "nccl"):
+        if not torch.cuda.is_available():
+            key = "training.device=cuda" if device == "cuda" else "parallelism.backend=nccl"
+            raise ConfigError(f"{key}, but torch sees no CUDA device (use auto or cpu on this machine)")
+        return True
+    if device == "cpu" or (par is not None and par.backend == "gloo"):
+        return False
+    return torch.cuda.is_available()
+
+
 def init_world(
-    par: ParallelismConfig, *, num_heads: int | None = None, num_kv_heads: int | None = None
+    par: ParallelismConfig,
+    *,
+    device: str = "auto",
+    num_heads: int | None = None,
+    num_kv_heads: int | None = None,
 ) -> World:
-    """Join the process group (when launched) and build the mesh; a world of one otherwise."""
+    """Join the process group (when launched) and build the mesh; a world of one otherwise. device:
+    training.device; a world of one computes on cuda:0 or the CPU, a launched worker on its local GPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
     layout = plan_layout(par, world_size, num_heads=num_heads, num_kv_heads=num_kv_heads)
     if world_size == 1:
-        return World(layout=layout)
+        return World(
+            device=torch.device("cuda", 0) if use_cuda(device, par) else torch.device("cpu"), layout=layout
+        )
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = par.backend == "nccl" or (par.backend == "auto" and torch.cuda.is_available())
-    if use_cuda:
+    use_cuda_ = use_cuda(device, par)
+    if use_cuda_:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -167,7 +187,7 @@ def init_world(
     if not dist.is_initialized():
         timeout = datetime.timedelta(minutes=int(os.environ.get("POSTTRAIN_DIST_TIMEOUT_MIN", "30")))
         dist.init_process_group(
-            "nccl" if use_cuda else "gloo",
+            "nccl" if use_cuda_ else "gloo",
             store=_store(world_size, timeout),
             rank=rank,
             world_size=world_size,

@@ -132,7 +132,7 @@ class PolicyWorker:
         from posttrain.train.trainer import Trainer
 
         self.cfg = cfg
-        self.world = init_world(cfg.parallelism, **head_counts(cfg.model))
+        self.world = init_world(cfg.parallelism, device=cfg.training.device, **head_counts(cfg.model))
         seed_everything(cfg.seed)
         self.tokenizer = _tokenizer(cfg)
         self.built = build_model_for(
@@ -224,11 +224,10 @@ class PolicyWorker:
 def _single_device_model(cfg: JobConfig, tokenizer):
     """The starting weights on one device (an engine's or the reference's own copy)."""
     from posttrain.models.build import build_model_for
+    from posttrain.parallel.world import use_cuda
 
     model = build_model_for(cfg.model, tokenizer, cfg.seed).module
-    if torch.cuda.is_available():
-        model = model.cuda()
-    return model
+    return model.cuda() if use_cuda(cfg.training.device) else model
 
 
 class RolloutWorker:

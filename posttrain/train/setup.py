@@ -152,8 +152,10 @@ def evaluate_loss(
             packing=data.packing,
         )
     )
+    device = next(model.parameters()).device
     with Progress(len(batches), "eval", progress, unit="batches") as shown:
         for batch in batches:
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             loss, metrics = loss_fn(model, batch)
             total += float(loss)
             units += count(batch)
@@ -184,7 +186,7 @@ def in_world(cfg, body):
     from posttrain.models.build import head_counts
     from posttrain.parallel.world import close_world, init_world
 
-    world = init_world(cfg.parallelism, **head_counts(cfg.model))
+    world = init_world(cfg.parallelism, device=cfg.training.device, **head_counts(cfg.model))
     try:
         result = body(world)
     except BaseException as err:  # OUTPUT/status.json says how the job ended (posttrain runs)
