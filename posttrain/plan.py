@@ -58,8 +58,8 @@ def plan(cfg: JobConfig, assume: tuple[str, int] | None = None, nproc: int = 1) 
     layout = plan_layout(cfg.parallelism, count, **head_counts(cfg.model))
     par, distributed = cfg.parallelism, count > 1
     param_dtype = cfg.model.dtype
-    # FSDP gathers parameters in parallelism.mixed_precision; one process computes in the parameters' dtype
-    compute_dtype = par.mixed_precision if distributed else param_dtype
+    # FSDP gathers parameters in parallelism.mixed_precision; one process autocasts its forward to it
+    compute_dtype = par.mixed_precision if param_dtype == "float32" else param_dtype
     model, config = _meta_model(cfg)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -140,6 +140,16 @@ def apply_fsdp(model: nn.Module, dp_mesh, mixed_precision: str) -> None:
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
 
 
+def autocast_dtype(param_dtype: str, par: ParallelismConfig, world: World) -> torch.dtype | None:
+    """The precision policy of one process: parallelism.mixed_precision=bfloat16 over fp32 parameters
+    computes the forward under bf16 autocast, while parameters, gradients and AdamW's moments stay fp32
+    (the master weights). Several processes get the same policy from FSDP's MixedPrecisionPolicy
+    (`apply_fsdp`: bf16 gathers, fp32 reduction), so there it is None, as it is with nothing to do."""
+    if world.distributed or par.mixed_precision != "bfloat16" or param_dtype != "float32":
+        return None
+    return torch.bfloat16
+
+
 def parallelize(
     model: nn.Module, world: World, par: ParallelismConfig, *, backend: str = "native"
 ) -> list[str]:

@@ -72,10 +72,28 @@ def build_constraint(cfg: JobConfig, tokenizer):
     return load_function(spec, "rl.constraint")(tokenizer), None
 
 
+def rl_precision(cfg: JobConfig, device: torch.device):
+    """The compute precision every RL role shares (trainer, old/reference log-probs, rollout engine):
+    bf16 autocast over fp32 weights when parallelism.mixed_precision=bfloat16, so the setup check
+    compares trainer and engine log-probs computed in the same precision."""
+    from posttrain.parallel.parallelize import autocast_dtype
+    from posttrain.parallel.world import World
+
+    dtype = autocast_dtype(cfg.model.dtype, cfg.parallelism, World())
+    return torch.autocast(device.type, dtype, enabled=dtype is not None)
+
+
 @torch.no_grad()
 def batch_logprobs(model, batch: dict, cfg: JobConfig, tokenizer, *, entropy: bool, constraint=None):
     """(log-probs, entropies or None) at the batch's loss positions, row-major (as the loss reads them),
-    at rl.temperature over the tokenizer's real vocabulary (the allowed tokens, with a constraint)."""
+    at rl.temperature over the tokenizer's real vocabulary (the allowed tokens, with a constraint), in
+    the RL compute precision (`rl_precision`)."""
+    device = next(model.parameters()).device
+    with rl_precision(cfg, device):
+        return _batch_logprobs(model, batch, cfg, tokenizer, entropy=entropy, constraint=constraint)
+
+
+def _batch_logprobs(model, batch: dict, cfg: JobConfig, tokenizer, *, entropy: bool, constraint=None):
     device = next(model.parameters()).device
     temperature, num_real_vocab = cfg.rl.temperature, tokenizer.vocab_size
     allowed = None
@@ -127,6 +145,7 @@ class PolicyWorker:
         from posttrain.config import dump_job
         from posttrain.metrics.mfu import peak_flops
         from posttrain.models.build import build_model_for, flops_fn_for, head_counts
+        from posttrain.parallel.parallelize import autocast_dtype
         from posttrain.parallel.world import init_world
         from posttrain.train.setup import seed_everything
         from posttrain.train.trainer import Trainer
@@ -156,6 +175,7 @@ class PolicyWorker:
             progress="quiet",
             loss_units=loss_units_for(cfg.rl.loss_aggregation),
             world=self.world,
+            autocast_dtype=autocast_dtype(cfg.model.dtype, cfg.parallelism, self.world),
         )
 
     def notes(self) -> list[str]:
@@ -290,19 +310,21 @@ class RolloutWorker:
             n=1 if greedy else (group_size or r.group_size),
             seed=seed,
         )
-        return run_episodes(
-            self.engine,
-            self.tokenizer,
-            [p.row for p in prompts],
-            [p.ids for p in prompts],
-            params,
-            group_size=params.n,
-            version=version,
-            make_env=None if greedy else self.make_env,
-            max_turns=r.max_turns,
-            max_episode_tokens=self.cfg.data.max_tokens_per_pack,
-            decode=self.decode,
-        )
+        device = self.engine.model.output_weight().device if hasattr(self.engine, "model") else None
+        with rl_precision(self.cfg, device or torch.device("cpu")):
+            return run_episodes(
+                self.engine,
+                self.tokenizer,
+                [p.row for p in prompts],
+                [p.ids for p in prompts],
+                params,
+                group_size=params.n,
+                version=version,
+                make_env=None if greedy else self.make_env,
+                max_turns=r.max_turns,
+                max_episode_tokens=self.cfg.data.max_tokens_per_pack,
+                decode=self.decode,
+            )
 
 
 def environment_factory(spec: str, tokenizer, max_turns: int):

@@ -229,6 +229,7 @@ def make_trainer(cfg, built, loss_fn, loader, world, out: Path, config_yaml: str
     world's data-parallel size, FLOPs of the built model. kwargs: e.g. loss_units for pair losses."""
     from posttrain.metrics.mfu import peak_flops
     from posttrain.models.build import flops_fn_for
+    from posttrain.parallel.parallelize import autocast_dtype
     from posttrain.train.trainer import Trainer
 
     device = next(built.module.parameters()).device
@@ -247,6 +248,7 @@ def make_trainer(cfg, built, loss_fn, loader, world, out: Path, config_yaml: str
         progress=cfg.metrics.progress,
         world=world,
         metrics=cfg.metrics,
+        autocast_dtype=autocast_dtype(cfg.model.dtype, cfg.parallelism, world),
         **kwargs,
     )
 

@@ -89,6 +89,7 @@ class Trainer:
         loss_units: Callable[[dict], int] = count_loss_tokens,
         world: World | None = None,
         metrics: MetricsConfig | None = None,  # trackers and progress cadence (default: metrics.jsonl only)
+        autocast_dtype: torch.dtype | None = None,  # forward under autocast (parallelize.autocast_dtype)
     ):
         self.model, self.loss_fn, self.loss_units = model, loss_fn, loss_units
         self.training, self.optim_cfg, self.schedule = training, optim, schedule
@@ -102,6 +103,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.world = world or World()
         self.device = next(model.parameters()).device
+        self.autocast_dtype = autocast_dtype
         self.state = TrainState()
 
     # ------------------------------------------------------------------------------ one step
@@ -117,7 +119,10 @@ class Trainer:
         loss_sum, summed = 0.0, {}
         for batch in micro_batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            loss, metrics = self.loss_fn(self.model, batch)
+            with torch.autocast(
+                self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None
+            ):
+                loss, metrics = self.loss_fn(self.model, batch)
             (loss * scale).backward()
             loss_sum += float(loss.detach())
             for k, v in metrics.items():
