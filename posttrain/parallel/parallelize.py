@@ -123,10 +123,16 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int) ->
     return wrapped
 
 
-def apply_compile(model: nn.Module) -> None:
-    """torch.compile each block in place (names unchanged); one block's graph serves every block."""
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each block in place (names unchanged); one block's graph serves every block.
+
+    Packed rows change their document layout every step, but only as values (positions, doc ids, the
+    mask's contents), never as shapes: rows have max_tokens_per_pack columns and micro-batches a fixed
+    row count, so a new layout reuses the graph. A new shape (a short last or eval batch) recompiles
+    once and dynamo then marks that dimension dynamic (its automatic dynamic shapes), so a third shape
+    reuses the graph (tests/unit/test_compile.py counts the graphs). backend: "eager" in tests."""
     for block in blocks_of(model):
-        block.compile()
+        block.compile(backend=backend)
 
 
 def apply_fsdp(model: nn.Module, dp_mesh, mixed_precision: str) -> None:
