@@ -11,8 +11,10 @@ Steps (results as one JSON file and a table):
   verify          verify-model for the five families on the device, fp32 and bf16 gates
   lm_head         forward + backward time of the LM head at vocab 151,669 / 151,680 / 151,936
                   (not a multiple of 64 / of 64 / of 128: why the vocabulary is padded)
+  flex            FlexAttention vs SDPA for the five families on packed rows: logits, gradients
+                  (CUDA only: torch has no CPU flex backward) and forward + backward time
   sft             training tokens/s and MFU of Qwen3-shaped ~0.6B and ~1.7B models (random init,
-                  fp32 master weights, bf16 autocast, chunked loss), packed rows with document masks
+                  fp32 master weights, bf16 autocast, FlexAttention, chunked loss), packed rows
                   vs one document per row
   generation      our engine vs transformers `generate` at batch 64 (tokens/s), and the share of the
                   HBM roofline (weights + KV cache read once per decode step)
@@ -140,6 +142,46 @@ def lm_head(device: torch.device, dry: bool) -> dict:
     return out
 
 
+def flex(device: torch.device, dry: bool) -> dict:
+    """FlexAttention vs SDPA on packed rows for every family: logits and (on CUDA) gradients, and time."""
+    from posttrain.models.hf_io import MODEL_TYPES, build_model
+    from posttrain.models.verify import TINY_CONFIGS
+
+    out = {}
+    dtype = torch.float32 if dry else torch.bfloat16
+    # the dry run checks the plumbing on a dense and a sinked family; tests/parity covers all five
+    for family in ("qwen3", "gpt_oss") if dry else FAMILIES:
+        torch.manual_seed(0)
+        model, config = build_model(
+            MODEL_TYPES[family], {**TINY_CONFIGS[family], "max_position_embeddings": 4096}
+        )
+        model = model.to(device=device, dtype=dtype)
+        model.rebuild_buffers()
+        rows, T = (2, 48) if dry else (4, 2048)
+        batch, _ = _packed_batch(rows, T, config.vocab_size, device, packed=True)
+        args = (batch["input_ids"], batch["position_ids"], batch["doc_ids"])
+        results = {}
+        for backend in ("sdpa", "flex"):
+            model.attention_backend = backend
+            model.zero_grad(set_to_none=True)
+            if dry:  # no FlexAttention backward on a CPU
+                with torch.no_grad():
+                    results[backend] = (model.logits(model(*args)).float(), None)
+                continue
+            logits = model.logits(model(*args)).float()
+            logits.square().mean().backward()
+            grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+            results[backend] = (logits.detach(), grads)
+            out[f"{family}/{backend}_fwd_bwd_ms"] = 1e3 * _timed(
+                lambda m=model, a=args: m.logits(m(*a)).float().square().mean().backward(), device, reps=3
+            )
+        (ref, ref_g), (got, got_g) = results["sdpa"], results["flex"]
+        out[f"{family}/logits_rel_diff"] = ((got - ref).abs().max() / ref.abs().max()).item()
+        if ref_g is not None:
+            out[f"{family}/grads_rel_diff"] = ((got_g - ref_g).abs().max() / ref_g.abs().max()).item()
+    return out
+
+
 def _packed_batch(rows: int, row_len: int, vocab: int, device: torch.device, packed: bool, seed: int = 0):
     """[rows, row_len] ids with targets; packed rows hold documents of random lengths (per-document
     positions and doc ids), unpacked rows one document each. Returns (batch, doc_lens)."""
@@ -163,6 +205,7 @@ def _packed_batch(rows: int, row_len: int, vocab: int, device: torch.device, pac
 def sft(device: torch.device, dry: bool) -> dict:
     """Tokens/s and MFU of one optimizer step (fp32 master weights, bf16 autocast on CUDA)."""
     from posttrain.metrics.mfu import peak_flops
+    from posttrain.models.flex import resolve_backend
     from posttrain.models.flops import train_flops
     from posttrain.models.hf_io import build_model
     from posttrain.train.setup import lm_loss_fn
@@ -175,6 +218,7 @@ def sft(device: torch.device, dry: bool) -> dict:
         model, config = build_model("qwen3", {**(TINY if dry else QWEN3_COMMON), **shape})
         model = model.to(device)
         model.rebuild_buffers()
+        model.attention_backend = resolve_backend("auto", device)  # flex on CUDA
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
         loss_fn = lm_loss_fn(None, num_real_vocab=config.vocab_size)
         for layout in ("packed", "one_doc_per_row"):
@@ -293,6 +337,7 @@ STEPS: dict[str, Callable[[torch.device, bool], dict]] = {
     "preflight": preflight,
     "verify": verify,
     "lm_head": lm_head,
+    "flex": flex,
     "sft": sft,
     "generation": generation,
     "recipes": recipes,

@@ -78,6 +78,10 @@ class ModelConfig(Section):
     # AutoModelForCausalLM through transformers (model.arch is built with our init, then handed to
     # transformers; see models/hf_backend.py)
     backend: Literal["native", "hf"] = "native"
+    # attention kernel of the native backend: flex (FlexAttention BlockMasks, no dense [T, T] mask; CUDA
+    # only for training, torch has no CPU backward), sdpa (a dense block-diagonal mask), auto = flex on
+    # CUDA, sdpa on CPU
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
     lora: LoRAConfig | None = None  # train low-rank adapters instead of all weights
     # train only the embedding/output rows of tokens added to the tokenizer (semantic IDs, new special
     # tokens); other weights stay frozen (LoRA adapters, when configured, still train)

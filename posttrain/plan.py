@@ -14,7 +14,8 @@ padding included) and models the rest:
   activations     what autograd saves for one micro-batch's backward, counted on the meta device by
                   running the model once (`_saved_bytes_per_row`), in the compute dtype; full
                   checkpointing keeps only block inputs plus one block's worth
-  attention mask  the dense block-diagonal [rows, 1, T, T] bool mask SDPA gets (FlexAttention: none)
+  attention mask  the dense block-diagonal [rows, 1, T, T] bool mask SDPA gets (FlexAttention: none;
+                  model.attention: auto is flex on CUDA)
   loss chunk      one chunk of fp32 logits and their gradient (the chunked cross-entropy)
   runtime         the process itself: on a CPU the resident memory of the interpreter with torch,
                   transformers and posttrain imported (measured now); on a GPU the CUDA context
@@ -60,6 +61,9 @@ def plan(cfg: JobConfig, assume: tuple[str, int] | None = None, nproc: int = 1) 
     param_dtype = cfg.model.dtype
     # FSDP gathers parameters in parallelism.mixed_precision; one process autocasts its forward to it
     compute_dtype = par.mixed_precision if param_dtype == "float32" else param_dtype
+    from posttrain.models.flex import resolve_backend
+
+    attention = resolve_backend(cfg.model.attention, torch.device(kind))
     model, config = _meta_model(cfg)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -83,7 +87,7 @@ def plan(cfg: JobConfig, assume: tuple[str, int] | None = None, nproc: int = 1) 
         "gradients": trainable * pb / shards,
         "optimizer_state": 2 * trainable * pb / shards,
         "activations": act,
-        "attention_mask": rows * T * T,  # bool, SDPA's dense mask
+        "attention_mask": rows * T * T if attention == "sdpa" else 0,  # bool, SDPA's dense mask
         "loss_chunk": 2 * min(chunk, rows * T) * vocab_rows * 4,
         "runtime": CUDA_CONTEXT_BYTES if kind == "cuda" else _process_rss(),
     }
@@ -102,7 +106,7 @@ def plan(cfg: JobConfig, assume: tuple[str, int] | None = None, nproc: int = 1) 
             "gradient_reduction": "float32",
             "optimizer_state": param_dtype,
         },
-        "attention": "sdpa (dense block-diagonal mask)",
+        "attention": "sdpa (dense block-diagonal mask)" if attention == "sdpa" else "flex (BlockMask)",
         "compile": par.compile,
         "activation_checkpointing": par.activation_checkpointing,
         "parameters": {"total": total, "trainable": trainable, "vocab_rows": vocab_rows},

@@ -75,7 +75,49 @@ def build_model_for(
     """Load `model.path` or build `model.arch`, apply the vocabulary, LoRA and freezing options, add a
     scalar `score_head` (reward models; kept if the checkpoint has one) and `task_heads` (name -> outputs:
     ScoreHeads saved beside the HF export, e.g. the event model's; kept if the checkpoint has them), then
-    the parallelism section (`world`, `parallelism`: posttrain.parallel; None = one process as is)."""
+    the parallelism section (`world`, `parallelism`: posttrain.parallel; None = one process as is).
+
+    A native-backend model.path is first verified against transformers (once per checkpoint, cached;
+    models/verify_on_load.py) unless model.verify is false: a definition that fails raises ModelError."""
+    verified = None
+    if cfg.path is not None and cfg.backend == "native" and cfg.verify:
+        from posttrain.models.verify_on_load import verify_on_load
+
+        verified = verify_on_load(cfg.path)
+    built = _build(cfg, tokenizer, seed, world, parallelism, score_head, task_heads)
+    _set_attention(built, cfg.attention, world)
+    if verified is not None:
+        built.notes.insert(0, verified)
+    return built
+
+
+def _set_attention(built: BuiltModel, name: str, world: Any) -> None:
+    """model.attention -> the native model's kernel on its device (auto: flex on CUDA, sdpa on CPU)."""
+    from posttrain.models.flex import resolve_backend
+
+    if built.backend != "native":
+        return
+    device = world.device if world is not None else torch.device("cpu")
+    backend = resolve_backend(name, device)
+    if backend == "flex" and device.type != "cuda":
+        raise ConfigError(
+            "model.attention=flex needs a CUDA device to train (torch has no FlexAttention backward on "
+            "CPU); use model.attention=auto or sdpa here"
+        )
+    built.module.attention_backend = backend
+    if backend == "flex":
+        built.notes.append("FlexAttention (BlockMasks from document ids, built once per layer kind)")
+
+
+def _build(
+    cfg: ModelConfig,
+    tokenizer: Tokenizer,
+    seed: int,
+    world: Any,
+    parallelism: Any,
+    score_head: str | None,
+    task_heads: dict[str, int] | None,
+) -> BuiltModel:
     if parallelism is None or world is None:
         built = _with_head(_build_single_device(cfg, tokenizer, seed), score_head, seed)
         return _with_task_heads(built, task_heads or {}, seed)

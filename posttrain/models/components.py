@@ -3,8 +3,10 @@ optional per-head q/k norm, the SwiGLU MLP, the pre-norm transformer block, and 
 mask used for packed rows.
 
 Every block is plain single-device PyTorch. Numerics follow the HF reference implementations operation
-by operation (same dtype casts, same order) so that the per-family logit-parity tests hold at 1e-4 in
-fp32. Module names (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, gate_proj, up_proj, down_proj) are the
+by operation (same dtype casts, same order): in fp64 our logits equal transformers' fp64 ones (to ~1e-15
+of their scale; attention then takes HF's eager path, see `eager_attention`), and in fp32 they are as
+close to that fp64 reference as transformers' own fp32 logits (models/verify.py gates both). Module
+names (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, gate_proj, up_proj, down_proj) are the
 ones LoRA / TP / activation checkpointing target; keep them stable across families.
 
 Shape legend:
@@ -148,6 +150,12 @@ def apply_rotary(
     return q_out, k_out
 
 
+def is_block_mask(mask: object) -> bool:
+    """A FlexAttention BlockMask (models/flex.py) rather than a dense bool mask; checked by name so that
+    importing the models does not import flex_attention."""
+    return type(mask).__name__ == "BlockMask"
+
+
 def build_attention_mask(
     doc_ids_BT: torch.Tensor | None, T: int, sliding_window: int | None = None, device=None
 ) -> torch.Tensor | None:
@@ -170,6 +178,27 @@ def build_attention_mask(
         return keep_TT[None, None]
     same_doc_BTT = doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :]
     return (same_doc_BTT & keep_TT).unsqueeze(1)
+
+
+def eager_attention(
+    q_BHTDh: torch.Tensor,
+    k_BKSDh: torch.Tensor,
+    v_BKSDh: torch.Tensor,
+    mask_B1TS: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """HF's `eager_attention_forward`, op for op: repeat K/V to H heads, scores * scale, mask, softmax
+    IN FP32 cast back to q's dtype, probs @ v. Used for fp64 runs (see Attention.forward); S = keys."""
+    B, H, T, Dh = q_BHTDh.shape
+    K, S = k_BKSDh.shape[1], k_BKSDh.shape[2]
+    k_BHSDh = k_BKSDh[:, :, None].expand(B, K, H // K, S, Dh).reshape(B, H, S, Dh)
+    v_BHSDh = v_BKSDh[:, :, None].expand(B, K, H // K, S, Dh).reshape(B, H, S, Dh)
+    scores_BHTS = torch.matmul(q_BHTDh, k_BHSDh.transpose(2, 3)) * scale
+    if mask_B1TS is None:
+        mask_B1TS = torch.ones(T, S, dtype=torch.bool, device=q_BHTDh.device).tril(S - T)[None, None]
+    scores_BHTS = scores_BHTS.masked_fill(~mask_B1TS, torch.finfo(scores_BHTS.dtype).min)
+    probs_BHTS = F.softmax(scores_BHTS, dim=-1, dtype=torch.float32).to(q_BHTDh.dtype)
+    return torch.matmul(probs_BHTS, v_BHSDh)
 
 
 class Attention(nn.Module):
@@ -235,7 +264,16 @@ class Attention(nn.Module):
             k_BKTDh, v_BKTDh = kv_cache.update(k_BKTDh, v_BKTDh)
         enable_gqa = self.num_kv_heads != self.num_heads
         scale = self.scale
-        if mask_B1TT is None:
+        if is_block_mask(mask_B1TT):  # model.attention: flex (DecoderLM built a BlockMask)
+            from posttrain.models import flex
+
+            out_BHTDh = flex.attention(q_BHTDh, k_BKTDh, v_BKTDh, mask_B1TT, scale)
+        elif q_BHTDh.dtype == torch.float64:
+            # fp64 is the verifier's ground truth (verify.py), not a training dtype: SDPA would take the
+            # softmax in fp64, transformers takes it in fp32 whatever the input dtype, which alone moves
+            # logits by ~1e-7 of their scale. Match HF's eager path op for op instead; speed is moot here.
+            out_BHTDh = eager_attention(q_BHTDh, k_BKTDh, v_BKTDh, mask_B1TT, scale)
+        elif mask_B1TT is None:
             # Fast path: lets SDPA pick flash / memory-efficient kernels.
             out_BHTDh = F.scaled_dot_product_attention(
                 q_BHTDh, k_BKTDh, v_BKTDh, is_causal=True, scale=scale, enable_gqa=enable_gqa

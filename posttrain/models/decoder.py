@@ -55,6 +55,9 @@ class DecoderLM(nn.Module):
                 f"layer_types has {len(self.layer_types)} entries for {c.num_hidden_layers} layers"
             )
         self.sliding_window = sliding_window
+        # "sdpa" (a dense bool mask per layer kind) or "flex" (a BlockMask; models/flex.py): set from
+        # model.attention when the job builds the model. Generation (kv_cache) and fp64 always use SDPA.
+        self.attention_backend = "sdpa"
         self.embed_scale = embed_scale  # Gemma multiplies embeddings by sqrt(D) (in the weights' dtype)
         # Registration order fixes the init RNG stream: embeddings, rotary, layers, norm, lm_head.
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
@@ -98,7 +101,11 @@ class DecoderLM(nn.Module):
         for layer_type in dict.fromkeys(self.layer_types):
             rotary = self.rotary[layer_type] if isinstance(self.rotary, nn.ModuleDict) else self.rotary
             window = self.sliding_window if layer_type == "sliding_attention" else None
-            if kv_cache is None:
+            if kv_cache is None and self.attention_backend == "flex" and x_BTD.dtype != torch.float64:
+                from posttrain.models import flex
+
+                mask = flex.block_mask(doc_ids_BT, B, T, window, input_ids_BT.device)
+            elif kv_cache is None:
                 mask = build_attention_mask(doc_ids_BT, T, window, device=input_ids_BT.device)
             else:
                 mask = kv_cache.attention_mask(window)

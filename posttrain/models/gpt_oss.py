@@ -30,7 +30,14 @@ from torch import nn
 
 from posttrain.errors import ModelError
 from posttrain.models import decoder
-from posttrain.models.components import Attention, RMSNorm, RotaryEmbedding, TransformerBlock, apply_rotary
+from posttrain.models.components import (
+    Attention,
+    RMSNorm,
+    RotaryEmbedding,
+    TransformerBlock,
+    apply_rotary,
+    is_block_mask,
+)
 from posttrain.models.decoder import DecoderLM
 from posttrain.models.moe import model_aux_loss
 
@@ -314,6 +321,12 @@ class SinkAttention(Attention):
         q_BHTDh, k_BKTDh = apply_rotary(q_BHTDh, k_BKTDh, cos_BTDh, sin_BTDh)
         if kv_cache is not None:
             k_BKTDh, v_BKTDh = kv_cache.update(k_BKTDh, v_BKTDh)
+        sinks_H = self.sinks.to_local() if hasattr(self.sinks, "to_local") else self.sinks
+        if is_block_mask(mask_B1TT):  # model.attention: flex, sinks through the log-sum-exp
+            from posttrain.models import flex
+
+            out_BHTDh = flex.attention(q_BHTDh, k_BKTDh, v_BKTDh, mask_B1TT, self.scale, sinks_H)
+            return self.o_proj(out_BHTDh.transpose(1, 2).reshape(B, T, H * Dh))
         S = k_BKTDh.shape[2]  # keys: T, or every cached slot
         # Repeat K/V to H heads exactly as HF's repeat_kv (expand + reshape), so the matmuls are HF's.
         k_BHSDh = k_BKTDh[:, :, None].expand(B, K, H // K, S, Dh).reshape(B, H, S, Dh)
@@ -322,8 +335,7 @@ class SinkAttention(Attention):
         if mask_B1TT is None:
             mask_B1TT = torch.ones(T, T, dtype=torch.bool, device=x_BTD.device).tril()[None, None]
         scores_BHTS = scores_BHTS.masked_fill(~mask_B1TT, torch.finfo(scores_BHTS.dtype).min)
-        # Under tensor parallel `sinks` is sharded by head (a DTensor); this rank uses its own heads'.
-        sinks_H = self.sinks.to_local() if hasattr(self.sinks, "to_local") else self.sinks
+        # Under tensor parallel `sinks` is sharded by head (a DTensor); this rank uses its own heads' (above).
         sinks_BHT1 = sinks_H.reshape(1, H, 1, 1).expand(B, H, T, 1).to(scores_BHTS.dtype)
         logits = torch.cat([scores_BHTS, sinks_BHT1], dim=-1)
         logits = logits - logits.max(dim=-1, keepdim=True).values  # HF's overflow guard (bf16)

@@ -65,17 +65,22 @@ def test_verify_family_passes() -> None:
     assert report.first_diverging is None
 
 
-def test_verify_names_first_diverging_layer(tmp_path: Path) -> None:
+def test_verify_names_first_diverging_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from posttrain.models import verify
 
     model, config = tiny(tied=True)
     save_pretrained(model, config, tmp_path)
-    hf = verify._load_hf(tmp_path, torch.float32)
-    with torch.no_grad():  # break our copy only: HF keeps the saved weights
-        model.layers[1].mlp.up_proj.weight.add_(0.5)
-    d_logits, _, where, _ = verify._compare(model, hf, config.vocab_size, seed=0, tol=TOL_FP32)
-    assert d_logits > TOL_FP32
-    assert where == "layers.1"
+
+    def drifted_load(path, dtype, device="cpu"):  # break our copy only: HF keeps the saved weights
+        ours = load_pretrained(path, dtype=dtype)[0].eval()
+        with torch.no_grad():
+            ours.layers[1].mlp.up_proj.weight.add_(0.5)
+        return ours
+
+    monkeypatch.setattr(verify, "_load_ours", drifted_load)
+    report = verify.verify_dir(tmp_path, 0, sizes=verify.TINY_SIZES, bf16=False)
+    assert not report.passed and report.max_abs_diff_logits > TOL_FP32
+    assert report.first_diverging == "layers.1.mlp.up_proj"
 
 
 def test_verify_cli_on_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -95,16 +100,16 @@ def test_verify_cli_exits_1_and_names_the_module_when_ours_drifts(
     model, config = tiny(tied=False)
     save_pretrained(model, config, tmp_path)
 
-    def drifted_load(path, dtype=torch.float32):
-        ours, cfg = load_pretrained(path, dtype=dtype)
+    def drifted_load(path, dtype, device="cpu"):
+        ours = load_pretrained(path, dtype=dtype)[0].eval()
         with torch.no_grad():
             ours.layers[1].mlp.up_proj.weight.add_(0.5)
-        return ours, cfg
+        return ours
 
-    monkeypatch.setattr(verify, "load_pretrained", drifted_load)
-    assert main(["--hf-dir", str(tmp_path)]) == 1
+    monkeypatch.setattr(verify, "_load_ours", drifted_load)
+    assert main(["--hf-dir", str(tmp_path), "--no-bf16"]) == 1
     out = capsys.readouterr().out
-    assert "FAILED" in out and "first diverging module: layers.1" in out
+    assert "FAILED" in out and "first diverging module: layers.1.mlp.up_proj" in out
 
 
 @pytest.mark.parametrize("tied", [False, True])

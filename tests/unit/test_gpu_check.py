@@ -20,11 +20,12 @@ def test_dry_run_runs_every_step(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = json.loads(out.read_text())["steps"]
-    assert list(steps) == ["preflight", "verify", "lm_head", "sft", "generation", "recipes"]
+    assert list(steps) == ["preflight", "verify", "lm_head", "flex", "sft", "generation", "recipes"]
     assert all(s["status"] == "ok" for s in steps.values()), {k: s.get("error") for k, s in steps.items()}
     assert steps["verify"]["all_passed"] is True
     assert steps["preflight"]["matmul_float32_tflops"] > 0
     assert all(steps["lm_head"][f"vocab_{v}_ms"] > 0 for v in (151669, 151680, 151936))
+    assert all(steps["flex"][f"{f}/logits_rel_diff"] < 1e-5 for f in ("qwen3", "gpt_oss"))
     sft = steps["sft"]
     assert 0 < sft["tiny/packed/mfu"] < 1.5 and sft["tiny/packed_vs_unpacked"] > 0
     assert (

@@ -30,6 +30,8 @@ def test_decisions_here_and_for_hardware_this_machine_lacks():
     one_gpu = plan(load_job(SFT), parse_assume("cuda:1"))
     assert one_gpu["device"] == "cuda" and one_gpu["world_size"] == 1
     assert one_gpu["memory_per_device_bytes"]["runtime"] == 600 * 2**20  # the CUDA context, not this RSS
+    assert here["attention"].startswith("sdpa") and one_gpu["attention"].startswith("flex")
+    assert one_gpu["memory_per_device_bytes"]["attention_mask"] == 0  # BlockMasks, no dense [T, T] mask
 
     cfg = load_job(SFT, ["parallelism.tp=2", "parallelism.mixed_precision=bfloat16"])
     eight = plan(cfg, parse_assume("cuda:8"))
