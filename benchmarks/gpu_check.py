@@ -208,6 +208,7 @@ def sft(device: torch.device, dry: bool) -> dict:
     from posttrain.models.flex import resolve_backend
     from posttrain.models.flops import train_flops
     from posttrain.models.hf_io import build_model
+    from posttrain.parallel.parallelize import apply_compile
     from posttrain.train.setup import lm_loss_fn
 
     shapes = {"tiny": {}} if dry else QWEN3_SHAPES
@@ -219,6 +220,9 @@ def sft(device: torch.device, dry: bool) -> dict:
         model = model.to(device)
         model.rebuild_buffers()
         model.attention_backend = resolve_backend("auto", device)  # flex on CUDA
+        if not dry:  # compile each block, as parallelism.compile does (inductor on a CPU is slow to build)
+            apply_compile(model)
+        out[f"{name}/compiled"] = not dry
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
         loss_fn = lm_loss_fn(None, num_real_vocab=config.vocab_size)
         for layout in ("packed", "one_doc_per_row"):

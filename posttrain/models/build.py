@@ -37,6 +37,7 @@ from posttrain.models.flops import lora_params_per_token, train_flops
 from posttrain.models.hf_io import (
     build_model,
     load_pretrained,
+    read_checkpoint_config,
     save_lora_adapter,
     save_pretrained,
     save_sequence_classifier,
@@ -83,6 +84,7 @@ def build_model_for(
     if cfg.path is not None and cfg.backend == "native" and cfg.verify:
         from posttrain.models.verify_on_load import verify_on_load
 
+        read_checkpoint_config(Path(cfg.path))  # a missing or foreign checkpoint: the loader's clear error
         verified = verify_on_load(cfg.path)
     built = _build(cfg, tokenizer, seed, world, parallelism, score_head, task_heads)
     _set_attention(built, cfg.attention, world)
