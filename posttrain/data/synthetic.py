@@ -1,7 +1,10 @@
 """Synthetic tasks with verifiable answers, for CPU demos and end-to-end tests.
 
 Three tiny tasks (`add`, `reverse`, `sort`) that a ~1-3M-parameter transformer can learn in a couple of
-CPU minutes. Every problem has one exact answer, so SFT, evaluation and RL rewards can all be checked
+CPU minutes (TASKS, the tiny demo's), and a ladder of short ones a real ~100M-parameter chat model
+half-solves after a little SFT (REAL_TASKS, the SmolLM2 demo's): `add_small` (two-digit + one-digit),
+`sub_small` (two-digit - one-digit), `larger` (of two two-digit numbers) and `add` again (two-digit +
+two-digit, the hardest rung). Every problem has one exact answer, so SFT, evaluation and RL rewards can all be checked
 with `exact_match`. Train and held-out splits are disjoint by construction: the split a prompt belongs
 to is a function of a stable hash (sha1) of its text, so no seed or sample size can leak a held-out
 problem into training. (Python's `hash` is salted per process and would break this.)
@@ -19,7 +22,11 @@ from typing import Literal
 from posttrain.errors import DataError
 
 TASKS = ("add", "reverse", "sort")
+# Short prompts, one- or two-token answers with no leading space: cheap to train and sample on a CPU.
+REAL_TASKS = ("add_small", "sub_small", "larger", "add")
 SYSTEM_PROMPT = "You are a precise assistant. Answer with the result only."
+# The SmolLM2 demo's: shorter (every token of every sequence costs CPU time), and still an instruction.
+SHORT_SYSTEM_PROMPT = "Answer with the result only."
 
 Split = Literal["train", "heldout"]
 
@@ -62,19 +69,47 @@ def _make_sort(rng: random.Random) -> Problem:
     return Problem("sort", "Sort: " + " ".join(digits), " ".join(sorted(digits)))
 
 
-MAKERS = {"add": _make_add, "reverse": _make_reverse, "sort": _make_sort}
+def _make_add_small(rng: random.Random) -> Problem:
+    a, b = rng.randint(10, 99), rng.randint(1, 9)
+    return Problem("add_small", f"What is {a} + {b}?", str(a + b))
+
+
+def _make_sub_small(rng: random.Random) -> Problem:
+    a, b = rng.randint(10, 99), rng.randint(1, 9)
+    return Problem("sub_small", f"What is {a} - {b}?", str(a - b))
+
+
+def _make_larger(rng: random.Random) -> Problem:
+    a, b = rng.sample(range(10, 100), 2)
+    return Problem("larger", f"Which is larger, {a} or {b}?", str(max(a, b)))
+
+
+MAKERS = {
+    "add": _make_add,
+    "reverse": _make_reverse,
+    "sort": _make_sort,
+    "add_small": _make_add_small,
+    "sub_small": _make_sub_small,
+    "larger": _make_larger,
+}
 
 
 def solve(task: str, prompt: str) -> str:
     """Recompute the answer from the prompt text; the reference a reward function can trust."""
-    if task == "add":
+    if task in ("add", "add_small"):
         left, right = prompt.removeprefix("What is ").removesuffix("?").split(" + ")
         return str(int(left) + int(right))
+    if task == "sub_small":
+        left, right = prompt.removeprefix("What is ").removesuffix("?").split(" - ")
+        return str(int(left) - int(right))
+    if task == "larger":
+        left, right = prompt.removeprefix("Which is larger, ").removesuffix("?").split(" or ")
+        return str(max(int(left), int(right)))
     if task == "reverse":
         return " ".join(reversed(prompt.removeprefix("Reverse: ").split()))
     if task == "sort":
         return " ".join(sorted(prompt.removeprefix("Sort: ").split()))
-    raise DataError(f"unknown synthetic task {task!r} (expected one of {', '.join(TASKS)})")
+    raise DataError(f"unknown synthetic task {task!r} (expected one of {', '.join(MAKERS)})")
 
 
 def generate_problems(split: Split, num: int, seed: int, tasks: tuple[str, ...] = TASKS) -> list[Problem]:
@@ -86,7 +121,7 @@ def generate_problems(split: Split, num: int, seed: int, tasks: tuple[str, ...] 
         raise DataError(f"unknown split {split!r} (expected 'train' or 'heldout')")
     unknown = [t for t in tasks if t not in MAKERS]
     if unknown or not tasks:
-        raise DataError(f"unknown synthetic tasks {unknown} (expected a non-empty subset of {TASKS})")
+        raise DataError(f"unknown synthetic tasks {unknown} (expected a non-empty subset of {tuple(MAKERS)})")
     # A string seed is hashed with sha512 by `random`, so it is stable across processes.
     rng = random.Random(f"posttrain-synthetic:{seed}:{split}")
     seen: set[str] = set()
@@ -117,9 +152,16 @@ def exact_match(prediction: str, answer: str) -> bool:
     return prediction.strip() == answer.strip()
 
 
-def to_chat(p: Problem, system: bool = True) -> dict:
+def _system(system: bool | str) -> list[dict]:
+    """The system turn: True = SYSTEM_PROMPT, a string = that prompt, False = none."""
+    if not system:
+        return []
+    return [{"role": "system", "content": SYSTEM_PROMPT if system is True else system}]
+
+
+def to_chat(p: Problem, system: bool | str = True) -> dict:
     """An SFT / evaluation row: a conversation plus the task and reference answer."""
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}] if system else []
+    messages = _system(system)
     messages += [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.answer}]
     return {"messages": messages, "task": p.task, "answer": p.answer}
 
@@ -136,8 +178,11 @@ def to_multiturn_chat(problems: list[Problem]) -> dict:
 
 def wrong_answer(p: Problem, rng: random.Random) -> str:
     """A near miss: the kind of mistake a small model makes (off by a little, a swap, unsorted)."""
-    if p.task == "add":
+    if p.task in ("add", "add_small", "sub_small"):
         return str(int(p.answer) + rng.choice([-10, -2, -1, 1, 2, 10]))
+    if p.task == "larger":  # the other number
+        left, right = p.prompt.removeprefix("Which is larger, ").removesuffix("?").split(" or ")
+        return left if right == p.answer else right
     items = p.answer.split()
     i = rng.randrange(len(items) - 1)
     swapped = items[:i] + [items[i + 1], items[i]] + items[i + 2 :]
@@ -180,9 +225,9 @@ def to_distill(p: Problem, system: bool = True) -> dict:
     return {"messages": messages, "completion": p.answer, "task": p.task}
 
 
-def to_rl_prompt(p: Problem, system: bool = True) -> dict:
+def to_rl_prompt(p: Problem, system: bool | str = True) -> dict:
     """An RL prompt row: the conversation to answer and the reference answer a verifiable reward checks."""
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}] if system else []
+    messages = _system(system)
     messages.append({"role": "user", "content": p.prompt})
     return {"messages": messages, "answer": p.answer, "metadata": {"task": p.task}}
 
@@ -257,4 +302,31 @@ def write_preference_data(
     _write_jsonl(
         paths["distill_train"], [to_distill(p) for p in generate_problems("train", num_train, seed + 3)]
     )
+    return paths
+
+
+def write_real_data(
+    out_dir: str | Path,
+    seed: int = 0,
+    num_sft: int = 2000,
+    num_heldout: int = 200,
+    num_rl: int = 2000,
+    tasks: tuple[str, ...] = REAL_TASKS,
+    system: bool | str = SHORT_SYSTEM_PROMPT,
+) -> dict[str, Path]:
+    """The SmolLM2 demo's files: sft_train.jsonl and heldout.jsonl (chat rows), rl_train.jsonl and
+    rl_heldout.jsonl (RL prompts; the held-out ones are heldout.jsonl's problems). Seeds as write_demo_data."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / f"{name}.jsonl" for name in ("sft_train", "heldout", "rl_train", "rl_heldout")}
+    heldout = generate_problems("heldout", num_heldout, seed, tasks)
+    _write_jsonl(
+        paths["sft_train"], [to_chat(p, system) for p in generate_problems("train", num_sft, seed + 1, tasks)]
+    )
+    _write_jsonl(paths["heldout"], [to_chat(p, system) for p in heldout])
+    _write_jsonl(
+        paths["rl_train"],
+        [to_rl_prompt(p, system) for p in generate_problems("train", num_rl, seed + 4, tasks)],
+    )
+    _write_jsonl(paths["rl_heldout"], [to_rl_prompt(p, system) for p in heldout])
     return paths

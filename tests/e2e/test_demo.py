@@ -44,6 +44,20 @@ def test_quick_demo_prints_table_and_report(tmp_path):
         assert stage["heldout_accuracy_sampled"] <= stage["heldout_pass_at_k"] <= 1.0
         assert 0.0 <= stage["heldout_preference_accuracy"] <= 1.0
         assert (tmp_path / stage["hf_dir"].split(str(tmp_path) + "/")[-1] / "config.json").is_file()
+    # Each stage after the first is scored on its own target against the checkpoint it started from;
+    # DPO's starts at 50%: policy == reference, every pair a tie.
+    gains = report["gains"]
+    assert {k: g["metric"] for k, g in gains.items()} == {
+        "sft": "heldout_accuracy_chat",
+        "dpo": "heldout_dpo_reward_accuracy",
+        "grpo": "heldout_accuracy_sampled",
+    }
+    assert (
+        gains["dpo"]["before"] == 0.5
+        and gains["dpo"]["after"] == report["dpo_heldout_reward_accuracy"]["after"]
+    )
+    assert gains["grpo"]["before"] == report["stages"][2]["heldout_accuracy_sampled"]
+    assert report["seed"] == 0 and "gain of grpo on its target" in res.stdout
     # Each stage trained: its loss fell over its 12 steps.
     for name in ("pretrain", "sft", "dpo"):
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]

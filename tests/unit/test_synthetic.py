@@ -125,3 +125,31 @@ def test_embedded_tokenizer_is_reproducible(tmp_path):
     assert fresh["added_tokens"] == committed["added_tokens"]
     assert (out / "chat_template.jinja").read_text() == (EMBEDDED_DIR / "chat_template.jinja").read_text()
     assert sum(f.stat().st_size for f in EMBEDDED_DIR.iterdir()) < 200_000
+
+
+def test_real_model_tasks_answers_near_misses_and_files(tmp_path):
+    """The SmolLM2 demo's ladder: answers recomputed independently, a near miss is never the answer,
+    answers carry no leading space, and the files keep the held-out problems out of training."""
+    import random
+
+    from posttrain.data.synthetic import REAL_TASKS, SHORT_SYSTEM_PROMPT, solve, write_real_data, wrong_answer
+
+    rng = random.Random(0)
+    problems = generate_problems("heldout", 400, seed=0, tasks=REAL_TASKS)
+    assert {p.task for p in problems} == set(REAL_TASKS)
+    for p in problems:
+        if p.task == "larger":
+            a, b = map(int, re.fullmatch(r"Which is larger, (\d\d) or (\d\d)\?", p.prompt).groups())
+            assert a != b and p.answer == str(max(a, b))
+        else:
+            a, op, b = re.fullmatch(r"What is (\d{1,2}) ([+-]) (\d{1,2})\?", p.prompt).groups()
+            assert p.answer == str(int(a) + int(b) if op == "+" else int(a) - int(b))
+            assert p.task == "add" or (len(a) == 2 and len(b) == 1 and (op == "+") == (p.task == "add_small"))
+        assert solve(p.task, p.prompt) == p.answer and p.answer == p.answer.strip()
+        assert wrong_answer(p, rng) != p.answer
+    paths = write_real_data(tmp_path, seed=1, num_sft=200, num_heldout=40, num_rl=200)
+    read = {k: [json.loads(x) for x in v.read_text().splitlines()] for k, v in paths.items()}
+    assert read["sft_train"][0]["messages"][0] == {"role": "system", "content": SHORT_SYSTEM_PROMPT}
+    heldout = {r["messages"][1]["content"] for r in read["heldout"]}
+    assert heldout == {r["messages"][1]["content"] for r in read["rl_heldout"]}
+    assert not heldout & {r["messages"][1]["content"] for r in read["sft_train"] + read["rl_train"]}
