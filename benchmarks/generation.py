@@ -44,7 +44,8 @@ import torch  # noqa: E402
 
 from posttrain.data.tokenizer import Tokenizer  # noqa: E402
 from posttrain.models.hf_io import build_model, save_pretrained  # noqa: E402
-from posttrain.rl.engine import LocalEngine, SamplingParams  # noqa: E402
+from posttrain.rl.engine import LocalEngine  # noqa: E402
+from posttrain.rl.types import SamplingParams
 
 ARCH = dict(
     hidden_size=256,

@@ -256,7 +256,8 @@ def generation(device: torch.device, dry: bool) -> dict:
     from transformers import AutoModelForCausalLM
 
     from posttrain.models.hf_io import build_model, save_pretrained
-    from posttrain.rl.engine import LocalEngine, SamplingParams
+    from posttrain.rl.engine import LocalEngine
+    from posttrain.rl.types import SamplingParams
 
     dtype = torch.float32 if dry else torch.bfloat16
     batch, prompt_len, new = (4, 16, 8) if dry else (64, 128, 256)

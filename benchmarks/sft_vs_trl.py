@@ -80,6 +80,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from posttrain.data.labels import IGNORE
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny" / "sft.yaml"
 DATA = REPO / "data" / "tiny" / "sft_train.jsonl"
@@ -241,7 +243,8 @@ def write_initial_checkpoint(out_dir: Path) -> Path:
     """posttrain's from-scratch init of the tiny config, exported as an HF checkpoint + tokenizer."""
     from posttrain.config import load_job
     from posttrain.data.tokenizer import Tokenizer
-    from posttrain.models.build import build_model_for, export_hf
+    from posttrain.models.build import export_hf
+    from posttrain.parallel.build import build_model_for
 
     cfg = load_job(CONFIG)
     tokenizer = Tokenizer.from_dir(cfg.tokenizer.path)
@@ -280,7 +283,7 @@ def tokens_check(model_dir: Path, n: int = TOKEN_CHECK_SAMPLES) -> tuple[str, bo
             chat_template=template,
         )
         same = list(stock) == ids == list(trl["input_ids"])
-        if not same or [label != -100 for label in labels] != [bool(m) for m in trl["assistant_masks"]]:
+        if not same or [label != IGNORE for label in labels] != [bool(m) for m in trl["assistant_masks"]]:
             mismatched.append(i)
     detail = f"{len(rows) - len(mismatched)} of {len(rows)} samples identical"
     detail += f" (first mismatch: sample {mismatched[0]})" if mismatched else ""
@@ -566,7 +569,7 @@ def run_trl(args: argparse.Namespace, init_dir: Path, out_dir: Path, meter: Memo
         def count(self, inputs: dict) -> None:
             # Padding-free batches are [1, total tokens] with no padding (pad_to_multiple_of is None).
             self.tokens += int(inputs["input_ids"].numel())
-            self.loss_tokens += int((inputs["labels"][..., 1:] != -100).sum())
+            self.loss_tokens += int((inputs["labels"][..., 1:] != IGNORE).sum())
 
         def on_train_begin(self, args, state, control, **kwargs):
             # Model (with adapters), optimizer object and packed dataset exist; no step has run yet.
@@ -627,7 +630,7 @@ def same_data_losses(args: argparse.Namespace, init_dir: Path, out: Path) -> tup
     The sides train on different rows, so with a real model their step-1 losses differ by data; this is
     the like-for-like check (run here in the parent, whose memory is not measured)."""
     from posttrain.data.samples import load_samples
-    from posttrain.models.build import build_model_for
+    from posttrain.parallel.build import build_model_for
     from posttrain.train.setup import build_tokenizer, evaluate_loss, lm_loss_fn
 
     probe = out / "same_data.jsonl"

@@ -17,6 +17,7 @@ from collections import defaultdict
 
 import torch
 
+from posttrain.data.labels import IGNORE
 from posttrain.data.synthetic import exact_match
 from posttrain.data.tokenizer import Tokenizer
 
@@ -42,7 +43,8 @@ def exact_match_accuracy(
     Greedy decoding with the KV-cache engine at temperature 0 (the same tokens as the no-cache
     generate.greedy_generate, pinned by tests/unit/test_engine.py, ~10x fewer FLOPs on a real model)."""
     from posttrain.metrics.progress import Progress
-    from posttrain.rl.engine import LocalEngine, SamplingParams
+    from posttrain.rl.engine import LocalEngine
+    from posttrain.rl.types import SamplingParams
 
     engine = LocalEngine(model, pad_id=tokenizer.pad_id, num_real_vocab=tokenizer.vocab_size)
     # Text prompts end where the answer's line ends: the document separator or eos.
@@ -80,7 +82,8 @@ def sampled_exact_match_accuracy(
 
     Chat prompts, our KV-cache engine (posttrain.rl.engine.LocalEngine), a fixed seed: the same seed on
     two checkpoints draws the same random numbers, so their difference is less noisy than two seeds'."""
-    from posttrain.rl.engine import LocalEngine, SamplingParams
+    from posttrain.rl.engine import LocalEngine
+    from posttrain.rl.types import SamplingParams
 
     engine = LocalEngine(model, pad_id=tokenizer.pad_id, num_real_vocab=tokenizer.vocab_size)
     prompts = [_prompt_ids(tokenizer, row, "chat") for row in rows]
@@ -132,7 +135,7 @@ def preference_accuracy(model, tokenizer: Tokenizer, rows: list[dict]) -> dict:
             x = torch.tensor([ids[lo:hi]])
             y = torch.tensor(labels[lo + 1 : hi])
             logp = model.logits(model(x))[0, :-1, : tokenizer.vocab_size].float().log_softmax(-1)
-            keep = y != -100
+            keep = y != IGNORE
             scores.append(float(logp[keep].gather(-1, y[keep, None]).sum()))
         wins[row.get("rejected_kind", "all")].append(scores[0] > scores[1])
     total = [w for v in wins.values() for w in v]

@@ -31,6 +31,7 @@ import threading
 from collections.abc import Callable
 
 from posttrain.launch import RESTART_ENV, worker_command
+from posttrain.parallel.ray_cluster import connect_ray
 
 # Driver environment variables that reach the workers even on a remote cluster, where the actors do not
 # inherit the driver's environment (a local Ray does: its processes are the driver's children).
@@ -125,21 +126,6 @@ class _RankWorker:
                 return
             except subprocess.TimeoutExpired:
                 continue
-
-
-def _connect(ray, address: str | None, nproc: int) -> bool:
-    """Join a Ray (existing, or a new local one); True when this call did, so must shut it down.
-
-    A local Ray gets at least `nproc` CPUs so that the N one-CPU bundles fit on a small machine. No
-    runtime_env is set: the workers run in the driver's filesystem (see `_RankWorker.run`), and each
-    rank's environment is passed to its subprocess explicitly."""
-    if ray.is_initialized():
-        return False
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        ray.init(address="local", num_cpus=max(nproc, os.cpu_count() or 1), include_dashboard=False)
-    else:  # an explicit address, or RAY_ADDRESS (e.g. set by `ray job submit` for its entrypoint)
-        ray.init(address=address)
-    return True
 
 
 def _bundle(resources_per_worker: dict | None, use_gpu: bool | None) -> dict[str, float]:
@@ -283,7 +269,7 @@ def launch_ray(
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    started = _connect(ray, address, nproc)
+    started = connect_ray(ray, address, nproc)
     pg = None
     try:
         bundle = _bundle(resources_per_worker, use_gpu)

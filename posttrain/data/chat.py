@@ -15,7 +15,7 @@ we only decide which of the template's tokens carry loss, in two steps:
 Working in characters rather than token ids means a template only has to be prefix-stable as TEXT:
 an answer starting with spaces, whose first token swallows the newline before it, is fine.
 
-Labels are aligned with input_ids (labels[i] is input_ids[i] or IGNORE_INDEX); shifting happens in
+Labels are aligned with input_ids (labels[i] is input_ids[i] or IGNORE); shifting happens in
 the loss.
 """
 
@@ -34,9 +34,9 @@ from posttrain.data.chat_spans import (
     render_ids,
     render_text,
 )
+from posttrain.data.labels import IGNORE
 from posttrain.errors import DataError, ModelError
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 MaskPolicy = Literal["all_assistant", "last_assistant"]
 Span = tuple[int, int]  # [start, end) token positions
@@ -162,16 +162,16 @@ def assistant_labels(
     spans = token_spans(offsets, char_spans)
     if mask == "last_assistant":
         spans = spans[-1:]
-    labels = [IGNORE_INDEX] * len(ids)
+    labels = [IGNORE] * len(ids)
     for start, end in spans:
         labels[start:end] = ids[start:end]
-    if all(label == IGNORE_INDEX for label in labels):
+    if all(label == IGNORE for label in labels):
         raise DataError("no loss-bearing tokens: the template rendered no assistant tokens", "no_loss_tokens")
     return ids, labels
 
 
 __all__ = [
-    "IGNORE_INDEX",
+    "IGNORE",
     "MaskPolicy",
     "assistant_labels",
     "has_generation_markers",

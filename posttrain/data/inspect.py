@@ -11,6 +11,7 @@ import json
 import sys
 
 from posttrain.config import JobConfig
+from posttrain.data.labels import IGNORE
 from posttrain.data.samples import Sample, load_samples
 from posttrain.data.tokenizer import Tokenizer
 
@@ -19,7 +20,7 @@ def _spans(tokenizer: Tokenizer, sample: Sample) -> list[tuple[bool, str]]:
     """Consecutive runs of tokens with the same loss flag, decoded (special tokens kept)."""
     runs: list[tuple[bool, list[int]]] = []
     for tok, lab in zip(sample.input_ids, sample.labels):
-        flag = lab != -100
+        flag = lab != IGNORE
         if runs and runs[-1][0] == flag:
             runs[-1][1].append(tok)
         else:
@@ -44,7 +45,7 @@ def inspect(cfg: JobConfig, num_samples: int = 3, as_json: bool = False, out=Non
         if as_json:
             out.write(json.dumps({"index": i, "input_ids": sample.input_ids, "labels": sample.labels}) + "\n")
             continue
-        n_loss = sum(1 for y in sample.labels if y != -100)
+        n_loss = sum(1 for y in sample.labels if y != IGNORE)
         out.write(f"--- sample {i}: {len(sample.input_ids)} tokens, {n_loss} bear loss ---\n")
         for flag, text in _spans(tokenizer, sample):
             if flag:

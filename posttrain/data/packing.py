@@ -28,7 +28,7 @@ Batches whose every sample carries offline teacher top-k rows (distillation reco
 
   teacher_topk_ids       [L, K]  int64, row l = the teacher's top-k ids for the l-th loss position
   teacher_topk_logprobs  [L, K]  fp32, their stored log-probabilities
-                                 (L = (targets != -100).sum(), loss positions in row-major [B, T] order:
+                                 (L = (targets != IGNORE).sum(), loss positions in row-major [B, T] order:
                                  what topk_distill_loss reads; a sample with fewer than K candidates is
                                  padded with id 0 at log-probability -inf, which contributes nothing)
 """
@@ -42,7 +42,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from posttrain.data.samples import IGNORE, Sample
+from posttrain.data.labels import IGNORE
+from posttrain.data.samples import Sample
 
 Row = list[Sample]
 

@@ -10,10 +10,9 @@ are the prompt (TRL's convention for whole conversations).
 from __future__ import annotations
 
 from posttrain.data.chat import render_ids
+from posttrain.data.labels import IGNORE
 from posttrain.data.schemas import PreferencePair, validate
 from posttrain.errors import DataError
-
-IGNORE = -100
 
 
 def split_shared_prompt(pair: PreferencePair) -> tuple[list[dict], list[dict], list[dict]]:

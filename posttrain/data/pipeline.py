@@ -139,7 +139,7 @@ def build_pipeline(
 ) -> Pipeline:
     """The pipeline of `data.train` for one shard; `default_epochs` for sources that set none;
     `annotate` checks or completes every rendered sample (e.g. with precomputed reference log-probs)."""
-    from posttrain.data.schemas import renderer
+    from posttrain.data.render import renderer
 
     sources = data.train_sources
     streams = [

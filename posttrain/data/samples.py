@@ -27,12 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from posttrain.config import SourceConfig
-from posttrain.data.schemas import renderer
+from posttrain.data.labels import IGNORE
+from posttrain.data.render import renderer
 from posttrain.data.sources import SourceStream
 from posttrain.data.tokenizer import Tokenizer
 from posttrain.errors import DataError
-
-IGNORE = -100
 
 
 @dataclass

@@ -17,7 +17,7 @@ which `on_error: skip` counts it. Formats and their fields:
                      teacher_topk?: {ids: [[int] * k] * T, logprobs: [[float] * k] * T}
                      (T = the completion's loss-bearing tokens; see posttrain/data/topk.py)
 
-SFT and pretraining render the first four into token samples (`renderer`); the other three are
+SFT and pretraining render the first four into token samples (`posttrain/data/render.py`); the other three are
 validated into small dataclasses (`validate`) for the DPO, GRPO and distillation recipes.
 """
 
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.data.chat import validate_messages
+from posttrain.data.labels import IGNORE
 from posttrain.errors import DataError
 
-IGNORE = -100
 SFT_FORMATS = ("chat", "prompt_completion", "text", "tokens")
 
 
@@ -190,26 +190,3 @@ def validate(fmt: str, obj: dict) -> Any:
     if check is None:
         raise DataError(f"unknown data format {fmt!r} (expected one of {', '.join(VALIDATORS)})")
     return check(obj)
-
-
-def renderer(fmt: str, tokenizer, mask: str) -> Callable[[dict], tuple[list[int], list[int]]]:
-    """The function that turns one record of an SFT/pretraining format into (input_ids, labels)."""
-    if fmt == "chat":
-        return lambda obj: tokenizer.render_chat(validate("chat", obj), mask=mask)
-    if fmt == "prompt_completion":
-        return lambda obj: tokenizer.render_prompt_completion(*validate("prompt_completion", obj))
-    if fmt == "text":
-        return lambda obj: tokenizer.render_text(validate("text", obj))
-    if fmt == "tokens":
-        return _tokens
-    if fmt == "preference":  # (ids, labels, (len_chosen, len_rejected)): one sample, two documents
-        from posttrain.data.pairs import render_pair
-
-        return lambda obj: render_pair(tokenizer, obj)
-    if fmt == "distill":  # the teacher's completion as the assistant turn, with any stored teacher top-k
-        from posttrain.data.topk import render_distill
-
-        return lambda obj: render_distill(tokenizer, obj)
-    raise DataError(
-        f"format {fmt!r} does not render to training tokens (SFT formats: {', '.join(SFT_FORMATS)})"
-    )

@@ -4,7 +4,7 @@ We never tokenise on our own: text goes through `hf.encode` and chats through th
 template (see `posttrain.data.chat`), so what we train on is what `transformers` and vLLM feed the
 model at inference. The wrapper only adds what training needs and HF leaves implicit: a guaranteed
 pad id, the id that ends an assistant turn, the document separator for pretraining, a vocabulary
-size padded for efficient embeddings, and (input_ids, labels) pairs with IGNORE_INDEX where no loss.
+size padded for efficient embeddings, and (input_ids, labels) pairs with IGNORE where no loss.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from posttrain.data.chat import IGNORE_INDEX, MaskPolicy, assistant_labels, render_ids, validate_messages
+from posttrain.data.chat import MaskPolicy, assistant_labels, render_ids, validate_messages
+from posttrain.data.labels import IGNORE
 from posttrain.errors import ModelError
 
 BUILTIN = "builtin"
@@ -127,7 +128,7 @@ class Tokenizer:
         """
         prompt_ids = ([self.bos_id] if self.bos_id is not None else []) + self.encode(prompt)
         completion_ids = self.encode(completion) + [self.eos_id]
-        return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+        return prompt_ids + completion_ids, [IGNORE] * len(prompt_ids) + completion_ids
 
     def save(self, out_dir: str | Path) -> Path:
         """Write the tokenizer (with any added pad/special tokens) next to a checkpoint."""
@@ -142,4 +143,4 @@ def token_strings(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
     return [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
 
 
-__all__ = ["Tokenizer", "IGNORE_INDEX", "BUILTIN", "token_strings"]
+__all__ = ["Tokenizer", "IGNORE", "BUILTIN", "token_strings"]

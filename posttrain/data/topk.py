@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from posttrain.data.labels import IGNORE
 from posttrain.data.schemas import DistillRecord, validate
 from posttrain.errors import DataError
-
-IGNORE = -100
 
 
 def distill_messages(record: DistillRecord) -> list[dict]:

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from posttrain.data.labels import IGNORE
 from posttrain.data.packing import collate
 from posttrain.data.samples import Sample
 from posttrain.errors import ConfigError
@@ -57,7 +58,6 @@ ITEM_HEAD = "item"
 TYPE_HEAD = "event_type"
 REPEAT_QUERY = "repeat_query"
 REPEAT_GATE = "repeat_gate"
-IGNORE = -100
 
 
 def head_sizes(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ import torch
 from posttrain.config import JobConfig, SourceConfig, source_name
 from posttrain.errors import ConfigError, DataError
 from posttrain.events.data import Event, UserSequence
+from posttrain.events.dataset import load_events  # the same reading and time split as the recipe
 from posttrain.events.decode import code_trie
 from posttrain.events.semantic_ids import EventVocab
 from posttrain.events.sequences import EventEncoder, Query, TokenTable, heldout_queries, token_table
@@ -121,6 +123,14 @@ def heldout_rows(users: list[UserSequence], encoder: EventEncoder, cfg_events) -
     return rows
 
 
+def item_code_constraint(model_dir: str, tokenizer) -> tuple[ItemCodeConstraint, object]:
+    """`rl.constraint: semantic_ids` on event data: the trie of the event model at model_dir and its
+    decoder (a completion -> the item ids it names). The grpo recipe hands
+    `partial(item_code_constraint, model.path)` to the RL workers (posttrain/rl/workers.py)."""
+    trie = ItemCodeConstraint.from_model_dir(model_dir, tokenizer)
+    return trie, trie.decode
+
+
 @dataclass
 class EventPrompts:
     """What the grpo recipe needs from event data: the job with its prompt files, and for the final
@@ -131,12 +141,12 @@ class EventPrompts:
     table: TokenTable
     queries: list[Query]  # the held-out events, for recall@k / NDCG@k of the beam search
     stats: dict
+    semantic_ids: partial  # tokenizer -> (item-code trie, decoder): the workers' rl.constraint
 
 
 def prepare_grpo(cfg: JobConfig, tokenizer, out: Path) -> EventPrompts:
     """Event logs in data.train -> OUTPUT/events/rl_train.jsonl (training prompts) and rl_heldout.jsonl
     (data.eval); the vocabulary is the event model's (model.path)."""
-    from posttrain.recipes.events import load_events  # the same reading and time split as the recipe
 
     if cfg.model.path is None:
         raise ConfigError(
@@ -152,7 +162,7 @@ def prepare_grpo(cfg: JobConfig, tokenizer, out: Path) -> EventPrompts:
             "data.eval: grpo on event data evaluates on each user's held-out events "
             "(events.heldout_events_per_user); set data.eval: null"
         )
-    events = load_events(cfg)
+    events = load_events(cfg.events, cfg.data.train_sources, cfg.model.path, cfg.seed)
     vocab = events.vocab
     L = vocab.num_levels
     if cfg.rl.max_new_tokens % L:
@@ -197,7 +207,8 @@ def prepare_grpo(cfg: JobConfig, tokenizer, out: Path) -> EventPrompts:
         f"{len(rows['heldout'])} held-out prompts ({files['train'].parent})",
         flush=True,
     )
-    return EventPrompts(cfg.model_copy(update={"data": data}), vocab, table, queries, stats)
+    constraint = partial(item_code_constraint, cfg.model.path)
+    return EventPrompts(cfg.model_copy(update={"data": data}), vocab, table, queries, stats, constraint)
 
 
 def ranking_report(model, prompts: EventPrompts, pad_id: int) -> dict:

@@ -27,12 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from posttrain.data.labels import IGNORE
 from posttrain.data.tokenizer import Tokenizer
 from posttrain.errors import ModelError
 from posttrain.events.data import Event, UserSequence
 from posttrain.events.semantic_ids import EventVocab
-
-IGNORE = -100
 
 
 @dataclass

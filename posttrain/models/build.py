@@ -1,15 +1,16 @@
 """From `model:` config to a trainable model, and back out to an HF directory.
 
-`build_model_for` reads the job's ModelConfig and returns a `BuiltModel`: the module, its architecture
-config, and what export needs to know (backend, the vocabulary size config.json must carry, whether
-LoRA adapters exist). The order is fixed and visible here:
+`build_single_device` reads the job's ModelConfig and returns a `BuiltModel`: the module, its
+architecture config, and what export needs to know (backend, the vocabulary size config.json must
+carry, whether LoRA adapters exist). The order is fixed and visible here:
 
     load (model.path) or build (model.arch)  ->  fit the vocabulary to the tokenizer (padded to 64)
-    ->  LoRA adapters  ->  train-only-new-rows freezing  ->  parallelism (TP, AC, compile, FSDP2)
+    ->  LoRA adapters  ->  train-only-new-rows freezing
 
-Under data/tensor parallelism every rank builds the same single-device model (same seed, same init),
-then `posttrain.parallel.parallelize` shards it; a weightless (meta-device) twin of the unsharded model
-is kept so that export can gather the full state on rank 0 and write it with the single-process code.
+Parallelism is applied from outside (posttrain/parallel/build.py `build_model_for`, which recipes
+call): under data/tensor parallelism every rank builds the same single-device model (same seed, same
+init), then shards it; the weightless (meta-device) twin of the unsharded model it keeps lets export
+gather the full state on rank 0 and write it with the single-process code.
 
 `export_hf` writes OUTPUT/hf (full weights, LoRA merged, vocabulary trimmed to the export size so that
 config.json and the tokenizer agree) and, with LoRA, OUTPUT/adapter (a PEFT adapter directory).
@@ -37,7 +38,6 @@ from posttrain.models.flops import lora_params_per_token, train_flops
 from posttrain.models.hf_io import (
     build_model,
     load_pretrained,
-    read_checkpoint_config,
     save_lora_adapter,
     save_pretrained,
     save_sequence_classifier,
@@ -63,90 +63,7 @@ class BuiltModel:
         return bool(lora.lora_modules(self.module))
 
 
-def build_model_for(
-    cfg: ModelConfig,
-    tokenizer: Tokenizer,
-    seed: int,
-    *,
-    world: Any = None,
-    parallelism: Any = None,
-    score_head: str | None = None,
-    task_heads: dict[str, int] | None = None,
-) -> BuiltModel:
-    """Load `model.path` or build `model.arch`, apply the vocabulary, LoRA and freezing options, add a
-    scalar `score_head` (reward models; kept if the checkpoint has one) and `task_heads` (name -> outputs:
-    ScoreHeads saved beside the HF export, e.g. the event model's; kept if the checkpoint has them), then
-    the parallelism section (`world`, `parallelism`: posttrain.parallel; None = one process as is).
-
-    A native-backend model.path is first verified against transformers (once per checkpoint, cached;
-    models/verify_on_load.py) unless model.verify is false: a definition that fails raises ModelError."""
-    verified = None
-    if cfg.path is not None and cfg.backend == "native" and cfg.verify:
-        from posttrain.models.verify_on_load import verify_on_load
-
-        read_checkpoint_config(Path(cfg.path))  # a missing or foreign checkpoint: the loader's clear error
-        verified = verify_on_load(cfg.path)
-    built = _build(cfg, tokenizer, seed, world, parallelism, score_head, task_heads)
-    _set_attention(built, cfg.attention, world)
-    if verified is not None:
-        built.notes.insert(0, verified)
-    return built
-
-
-def _set_attention(built: BuiltModel, name: str, world: Any) -> None:
-    """model.attention -> the native model's kernel on its device (auto: flex on CUDA, sdpa on CPU)."""
-    from posttrain.models.flex import resolve_backend
-
-    if built.backend != "native":
-        return
-    device = world.device if world is not None else torch.device("cpu")
-    backend = resolve_backend(name, device)
-    if backend == "flex" and device.type != "cuda":
-        raise ConfigError(
-            "model.attention=flex needs a CUDA device to train (torch has no FlexAttention backward on "
-            "CPU); use model.attention=auto or sdpa here"
-        )
-    built.module.attention_backend = backend
-    if backend == "flex":
-        built.notes.append("FlexAttention (BlockMasks from document ids, built once per layer kind)")
-
-
-def _build(
-    cfg: ModelConfig,
-    tokenizer: Tokenizer,
-    seed: int,
-    world: Any,
-    parallelism: Any,
-    score_head: str | None,
-    task_heads: dict[str, int] | None,
-) -> BuiltModel:
-    if parallelism is None or world is None:
-        built = _with_head(_build_single_device(cfg, tokenizer, seed), score_head, seed)
-        return _with_task_heads(built, task_heads or {}, seed)
-    from posttrain.parallel.parallelize import parallelize
-
-    if world.distributed and cfg.train_new_token_rows_only:
-        raise ConfigError(
-            "model.train_new_token_rows_only is not supported with several processes yet "
-            "(its gradient hook does not survive FSDP's parameter swap)"
-        )
-    if world.distributed and score_head is None and not task_heads and _can_load_sharded(cfg, tokenizer):
-        return _build_sharded(cfg, tokenizer, world, parallelism)
-    built = _with_head(_build_single_device(cfg, tokenizer, seed), score_head, seed)
-    built = _with_task_heads(built, task_heads or {}, seed)
-    if world.distributed:
-        built.twin = meta_twin(built.module)
-        built.world = world
-        if cfg.path is not None:
-            built.notes.append(
-                "every rank loaded the full checkpoint before sharding (LoRA or a vocabulary change "
-                "needs the whole model); plain fine-tuning loads straight into shards"
-            )
-    built.notes.extend(parallelize(built.module, world, parallelism, backend=built.backend))
-    return built
-
-
-def _with_head(built: BuiltModel, name: str | None, seed: int) -> BuiltModel:
+def with_score_head(built: BuiltModel, name: str | None, seed: int) -> BuiltModel:
     """Attach a scalar ScoreHead `name` (seeded init) unless the loaded checkpoint brought one."""
     from posttrain.models.heads import ScoreHead, add_head
 
@@ -160,7 +77,7 @@ def _with_head(built: BuiltModel, name: str | None, seed: int) -> BuiltModel:
     return built
 
 
-def _with_task_heads(built: BuiltModel, sizes: dict[str, int], seed: int) -> BuiltModel:
+def with_task_heads(built: BuiltModel, sizes: dict[str, int], seed: int) -> BuiltModel:
     """Attach a ScoreHead per name (seeded init) unless the loaded checkpoint brought one of that size."""
     from posttrain.models.heads import ScoreHead, add_head
 
@@ -177,33 +94,6 @@ def _with_task_heads(built: BuiltModel, sizes: dict[str, int], seed: int) -> Bui
         add_head(built.module, name, ScoreHead(built.module.output_weight().shape[1], num_outputs))
         built.notes.append(f"added a head {name!r} with {num_outputs} outputs")
     return built
-
-
-def _can_load_sharded(cfg: ModelConfig, tokenizer: Tokenizer) -> bool:
-    """Straight-into-shards loading needs the checkpoint as it is: no adapters, no vocabulary change."""
-    if cfg.path is None or cfg.backend != "native" or cfg.lora is not None:
-        return False
-    checkpoint_vocab = json.loads((Path(cfg.path) / "config.json").read_text()).get("vocab_size")
-    export = vocab.export_vocab_size(tokenizer.vocab_size, checkpoint_vocab)
-    return checkpoint_vocab == vocab.padded(export)
-
-
-def _build_sharded(cfg: ModelConfig, tokenizer: Tokenizer, world: Any, parallelism: Any) -> BuiltModel:
-    """Meta-device build -> parallelize -> each rank reads only its shards from the safetensors."""
-    from posttrain.parallel.parallelize import parallelize
-    from posttrain.parallel.sharded_load import build_sharded_from_hf
-
-    notes: list[str] = []
-    twins: list[nn.Module] = []
-
-    def shard(model: nn.Module) -> None:
-        twins.append(meta_twin(model))  # on meta already: the unsharded structure, for export
-        notes.extend(parallelize(model, world, parallelism))
-
-    model, mcfg = build_sharded_from_hf(cfg.path, DTYPES[cfg.dtype], world.device, shard)
-    notes.append("weights loaded straight into each rank's shards (no rank held the full model)")
-    export = vocab.export_vocab_size(tokenizer.vocab_size, mcfg.vocab_size)
-    return BuiltModel(model, mcfg, "native", export, cfg.path, notes, world=world, twin=twins[0])
 
 
 def head_counts(cfg: ModelConfig) -> dict[str, int | None]:
@@ -228,7 +118,7 @@ def meta_twin(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _build_single_device(cfg: ModelConfig, tokenizer: Tokenizer, seed: int) -> BuiltModel:
+def build_single_device(cfg: ModelConfig, tokenizer: Tokenizer, seed: int) -> BuiltModel:
     dtype = DTYPES[cfg.dtype]
     if cfg.backend == "hf":
         return _build_hf_backend(cfg, tokenizer, seed, dtype)
@@ -286,7 +176,7 @@ def _build_hf_backend(cfg: ModelConfig, tokenizer: Tokenizer, seed: int, dtype: 
     path = cfg.path
     with tempfile.TemporaryDirectory() as tmp:
         if path is None:
-            native = _build_single_device(cfg.model_copy(update={"backend": "native"}), tokenizer, seed)
+            native = build_single_device(cfg.model_copy(update={"backend": "native"}), tokenizer, seed)
             path = export_hf(native, tokenizer, Path(tmp))
         checkpoint_vocab = json.loads((Path(path) / "config.json").read_text()).get("vocab_size")
         module = load_hf_backend(path, dtype, tokenizer.vocab_size)

@@ -22,7 +22,16 @@ from pathlib import Path
 from posttrain.config import load_job
 from posttrain.data.synthetic import write_real_data
 from posttrain.recipes import grpo, sft
-from posttrain.recipes.demo import SAMPLES_PER_PROMPT, _evaluate, stage_gains, stage_row
+from posttrain.recipes.demo_common import (
+    SAMPLES_PER_PROMPT,
+    config_path,
+    evaluate_checkpoint,
+    print_report,
+    reward_windows,
+    stage_columns,
+    stage_gains,
+    stage_row,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "real"
 NUM_HELDOUT = 80  # held-out questions per stage (20 per task), each sampled SAMPLES_PER_PROMPT times
@@ -32,13 +41,6 @@ TARGETS = {"sft": "heldout_accuracy_chat", "grpo": "heldout_accuracy_sampled"}
 QUICK_HELDOUT = 8
 QUICK_SFT = ["training.max_steps=2", "training.log_every_steps=1"]
 QUICK_GRPO = ["training.max_steps=2", "rl.prompts_per_step=2", "rl.group_size=4"]
-
-
-def _config_path(name: str) -> Path:
-    for base in (CONFIGS, Path("configs/real")):
-        if (base / name).is_file():
-            return base / name
-    raise FileNotFoundError(f"demo config {name} not found under {CONFIGS}")
 
 
 def run_real(output_dir: str | Path = "runs/demo-smollm2", quick: bool = False, seed: int = 0) -> dict:
@@ -55,12 +57,14 @@ def run_real(output_dir: str | Path = "runs/demo-smollm2", quick: bool = False, 
         rows = rows[:QUICK_HELDOUT]
 
     def evaluate(hf_dir) -> dict:
-        return _evaluate(Path(hf_dir), rows, None, samples, seed, text=False, max_new_tokens=MAX_NEW_TOKENS)
+        return evaluate_checkpoint(
+            Path(hf_dir), rows, None, samples, seed, text=False, max_new_tokens=MAX_NEW_TOKENS
+        )
 
     stages = [("base (SmolLM2-135M-Instruct)", None, evaluate(base))]
 
     sft_cfg = load_job(
-        _config_path("sft.yaml"),
+        config_path(CONFIGS, "sft.yaml"),
         [
             f"output_dir={out / 'sft'}",
             f"model.path={base}",
@@ -74,7 +78,7 @@ def run_real(output_dir: str | Path = "runs/demo-smollm2", quick: bool = False, 
     stages.append(("sft (LoRA)", post, evaluate(post["hf_dir"])))
 
     grpo_cfg = load_job(
-        _config_path("grpo.yaml"),
+        config_path(CONFIGS, "grpo.yaml"),
         [
             f"output_dir={out / 'grpo'}",
             f"model.path={post['hf_dir']}",
@@ -93,7 +97,7 @@ def run_real(output_dir: str | Path = "runs/demo-smollm2", quick: bool = False, 
         "stages": [stage_row(name, s, ev, samples) for name, s, ev in stages],
         "num_heldout": len(rows),
         "samples_per_prompt": samples,
-        "grpo_train_reward": _reward_windows(out / "grpo" / "metrics.jsonl"),
+        "grpo_train_reward": reward_windows(out / "grpo" / "metrics.jsonl"),
         "wall_time_s": time.perf_counter() - t0,
     }
     report["gains"] = stage_gains(report["stages"], TARGETS)
@@ -102,61 +106,30 @@ def run_real(output_dir: str | Path = "runs/demo-smollm2", quick: bool = False, 
     return report
 
 
-def _reward_windows(metrics_file: Path) -> dict:
-    """Mean GRPO training reward of the first and last quarter of the steps."""
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    rewards = [r["reward/mean"] for r in rows if "reward/mean" in r]
-    n = max(1, len(rewards) // 4)
-    return {"steps": n, "first": sum(rewards[:n]) / n, "last": sum(rewards[-n:]) / n}
-
-
 def print_real_table(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     k = report["samples_per_prompt"]
-    table = Table(
-        title=f"posttrain demo --model smollm2 (seed {report['seed']}): held-out exact match on "
+    cols = stage_columns(k)
+    cols["chat"] = ("greedy acc", cols["chat"][1])
+    title = (
+        f"posttrain demo --model smollm2 (seed {report['seed']}): held-out exact match on "
         f"{report['num_heldout']} unseen problems"
     )
-    cols = (
-        "stage",
-        "final loss",
-        "greedy acc",
-        f"sampled acc (mean@{k})",
-        f"pass@{k}",
-        "tokens/s",
-        "wall time",
-    )
-    for col in cols:
-        table.add_column(col, justify="left" if col == "stage" else "right")
-    for s in report["stages"]:
-        table.add_row(
-            s["stage"],
-            f"{s['final_loss']:.3f}",
-            f"{s['heldout_accuracy_chat']:.1%}",
-            f"{s['heldout_accuracy_sampled']:.1%}",
-            f"{s['heldout_pass_at_k']:.1%}",
-            f"{s['tokens_per_s']:,.0f}",
-            f"{s['train_wall_s']:.0f}s",
-        )
-    console = Console(width=170)
-    console.print(table)
-    for s in report["stages"]:
-        console.print(
-            f"per task after {s['stage']}: greedy {_fmt(s['per_task_chat'])}; mean@{k} "
-            f"{_fmt(s['per_task_sampled'])}; {_fmt(s['per_task_pass_at_k'])}"
-        )
+    names = ("stage", "loss", "chat", "sampled", "pass", "tok_s", "wall")
+    print_report(report, title, [cols[n] for n in names], lambda rep: _notes(rep, k))
+
+
+def _notes(report: dict, k: int) -> list[str]:
+    lines = [
+        f"per task after {s['stage']}: greedy {_fmt(s['per_task_chat'])}; mean@{k} "
+        f"{_fmt(s['per_task_sampled'])}; {_fmt(s['per_task_pass_at_k'])}"
+        for s in report["stages"]
+    ]
     rl = report["grpo_train_reward"]
-    console.print(
+    lines.append(
         f"GRPO training reward (sampled, temperature 1): first {rl['steps']} steps {rl['first']:.1%} -> "
         f"last {rl['steps']} {rl['last']:.1%}"
     )
-    for stage, g in report["gains"].items():
-        console.print(
-            f"gain of {stage} on its target ({g['metric']}): {g['before']:.1%} -> {g['after']:.1%} ({g['gain']:+.1%})"
-        )
-    console.print(f"HF checkpoint: {report['stages'][-1]['hf_dir']}  (total {report['wall_time_s']:.0f}s)")
+    return lines
 
 
 def _fmt(d: dict) -> str:

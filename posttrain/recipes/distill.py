@@ -13,16 +13,13 @@ distribution is matched at every loss position.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 from posttrain.config import JobConfig
 from posttrain.data.samples import Sample
 from posttrain.errors import ConfigError, DataError
-from posttrain.models.build import build_model_for
-from posttrain.train.distill import distill_loss, topk_distill_loss
+from posttrain.parallel.build import build_model_for
+from posttrain.train.distill import check_teacher_tokenizer, distill_loss, topk_distill_loss
 from posttrain.train.losses import chunked_cross_entropy
 from posttrain.train.setup import (
     Timer,
@@ -38,33 +35,6 @@ from posttrain.train.setup import (
 )
 
 FORMATS = ("distill", "chat", "prompt_completion", "tokens")
-
-
-def check_teacher_tokenizer(teacher_path: str | None, tokenizer) -> None:
-    """The teacher must share the student's vocabulary: same token -> id map where the teacher ships a
-    tokenizer, else a vocabulary at least as large as the student's tokenizer."""
-    if teacher_path is None:
-        return
-    path = Path(teacher_path)
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        theirs = AutoTokenizer.from_pretrained(str(path)).get_vocab()
-        ours = tokenizer.hf.get_vocab()
-        differ = sorted(set(theirs.items()) ^ set(ours.items()))
-        if differ:
-            raise ConfigError(
-                f"distill.teacher: the tokenizer at {path} differs from tokenizer.path ({len(theirs)} vs "
-                f"{len(ours)} tokens, {len(differ)} (token, id) entries differ, e.g. {differ[:3]}); "
-                "distillation needs one vocabulary"
-            )
-        return
-    vocab = json.loads((path / "config.json").read_text()).get("vocab_size", 0)
-    if vocab < tokenizer.vocab_size:
-        raise ConfigError(
-            f"distill.teacher: {path} has {vocab} vocabulary rows, fewer than the tokenizer's "
-            f"{tokenizer.vocab_size} tokens"
-        )
 
 
 def online_teacher(cfg: JobConfig, teacher, num_real_vocab: int, copy_teacher_head: bool):

@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 
 from posttrain.config import JobConfig
+from posttrain.data.labels import IGNORE
 from posttrain.data.reference import ReferenceLogps, reference_identity
 from posttrain.errors import ConfigError
 from posttrain.models import lora
-from posttrain.models.build import build_model_for
-from posttrain.train.preference import dpo_loss, sequence_logprobs
+from posttrain.parallel.build import build_model_for
+from posttrain.train.preference import count_pairs, dpo_loss, sequence_logprobs
 from posttrain.train.setup import (
     Timer,
     build_tokenizer,
@@ -32,11 +33,6 @@ from posttrain.train.setup import (
     start_output,
     train_export_summarise,
 )
-
-
-def count_pairs(batch: dict) -> int:
-    """Loss units of pair losses: chosen documents in the micro-batch."""
-    return int((batch["doc_roles"] == 0).sum())
 
 
 def doc_logprobs(model, batch: dict, *, average: bool, chunk_size, num_real_vocab: int) -> torch.Tensor:
@@ -64,7 +60,7 @@ def precomputed_reference(batch: dict, average: bool) -> torch.Tensor:
     ref = batch["ref_logps"]
     if not average:
         return ref
-    keep = batch["targets"] != -100
+    keep = batch["targets"] != IGNORE
     counts = torch.bincount(batch["doc_index"][keep], minlength=ref.numel()).to(ref.dtype)
     return ref / counts.clamp(min=1.0)
 
@@ -95,7 +91,7 @@ def dpo_loss_fn(cfg: JobConfig, reference, num_real_vocab: int):
             label_smoothing=d.label_smoothing,
         )
         if d.sft_weight:
-            keep = batch["targets"] != -100
+            keep = batch["targets"] != IGNORE
             counts = torch.bincount(batch["doc_index"][keep], minlength=roles.numel()).clamp(min=1)
             nll = -logps[chosen] / (1.0 if kwargs["average"] else counts[chosen])  # per-token, per pair
             losses = losses + d.sft_weight * nll

@@ -12,7 +12,6 @@ The pieces live in posttrain/events/; docs/events.md walks through a whole run.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +20,14 @@ import torch
 from posttrain.config import JobConfig, SourceConfig, source_name
 from posttrain.data.tokenizer import Tokenizer
 from posttrain.errors import ConfigError, DataError
-from posttrain.events import data as event_data
+from posttrain.events.dataset import EventSet, load_events
 from posttrain.events.decode import beam_search, mix_with_history
 from posttrain.events.metrics import baseline_rankings, metrics_by_group
 from posttrain.events.model import ITEM_HEAD, Lookups, events_loss_fn, head_sizes, score_queries
-from posttrain.events.semantic_ids import EventVocab, build_vocab
+from posttrain.events.semantic_ids import EventVocab
 from posttrain.events.sequences import EventEncoder, Query, UserSequence, heldout_queries, token_table
-from posttrain.models.build import build_model_for, export_hf
+from posttrain.models.build import export_hf
+from posttrain.parallel.build import build_model_for
 from posttrain.train.setup import (
     Timer,
     check_formats,
@@ -38,15 +38,6 @@ from posttrain.train.setup import (
     run_summary,
     start_output,
 )
-
-
-@dataclass
-class EventSet:
-    """The prepared events of a job."""
-
-    vocab: EventVocab
-    users: list[UserSequence]
-    stats: dict  # counts and skips, for summary.json
 
 
 def train(cfg: JobConfig) -> dict:
@@ -70,7 +61,7 @@ def _train(cfg: JobConfig, world) -> dict:
     ev = cfg.events
 
     # 1. Events -> per-user sequences -> time split, and the vocabulary that makes them tokens.
-    events = load_events(cfg)
+    events = load_events(cfg.events, cfg.data.train_sources, cfg.model.path, cfg.seed)
     tokenizer = Tokenizer.from_dir(
         cfg.tokenizer.path, [*cfg.tokenizer.extra_special_tokens, *events.vocab.tokens()]
     )
@@ -148,62 +139,6 @@ def _train(cfg: JobConfig, world) -> dict:
 
 
 main = train
-
-
-# ------------------------------------------------------------------------------ data
-
-
-def load_events(cfg: JobConfig) -> EventSet:
-    """Read the event sources (and the catalogue), group per user, split by time; the vocabulary is a
-    loaded model's (model.path) or built here (semantic IDs from the catalogue's features)."""
-    ev = cfg.events
-    sources = cfg.data.train_sources
-    stats: dict = {"skipped": {}}
-    if cfg.model.path is not None:
-        vocab = EventVocab.load(cfg.model.path)
-        items, types = set(vocab.items), set(vocab.event_types)
-        events, stats["skipped"] = event_data.read_events(sources, items, types)
-    else:
-        features = None
-        known = None
-        if ev.catalogue is not None:
-            ids, features, skips = event_data.read_catalogue(ev.catalogue)
-            stats["skipped"]["catalogue"] = dict(skips)
-            known = set(ids)
-        events, skipped = event_data.read_events(sources, known)
-        stats["skipped"] |= skipped
-        if ev.catalogue is None:
-            ids = sorted({e.item for e in events})
-        vocab = build_vocab(
-            item_tokens=ev.item_tokens,
-            items=ids,
-            features=features,
-            event_types=sorted({e.event_type for e in events}),
-            gap_edges_s=ev.gap_bucket_edges_s,
-            levels=ev.semantic_id_levels,
-            codes=ev.semantic_id_codes,
-            kmeans_iters=ev.kmeans_iters,
-            seed=cfg.seed,
-        )
-    unknown = sorted(set(ev.loss_event_types) - set(vocab.event_types))
-    if unknown:
-        raise ConfigError(
-            f"events.loss_event_types: {unknown} are not event types of the data ({vocab.event_types})"
-        )
-    users, split_counts = event_data.time_split(event_data.user_sequences(events), ev.heldout_events_per_user)
-    stats["skipped"]["users"] = dict(split_counts)
-    stats |= {
-        "num_users": len(users),
-        "num_events": len(events),
-        "num_train_events": sum(len(u.train) for u in users),
-        "num_heldout_events": sum(len(u.heldout) for u in users),
-        "num_items": vocab.num_items,
-        "event_types": vocab.event_types,
-        "item_tokens": vocab.item_tokens,
-        "codes": f"{vocab.num_levels} levels x {vocab.codes_per_level} codes",
-        "semantic_id_collisions_resolved": vocab.collisions_resolved,
-    }
-    return EventSet(vocab, users, stats)
 
 
 def hidden_size(cfg: JobConfig) -> int:

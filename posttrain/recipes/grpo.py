@@ -76,15 +76,16 @@ def _train(cfg: JobConfig, out: Path, timer: Timer) -> dict:
     # 2. Worker groups: policy (SPMD trainer), rollout engines, reference (KL only), rewards.
     need_reference = r.kl_coef != 0.0
     pools = None
+    sids = event_prompts.semantic_ids if event_prompts is not None else None  # rl.constraint: semantic_ids
     if r.local:
-        policy = LocalGroup([PolicyWorker(cfg, total_opt_steps)])
-        rollout = LocalGroup([RolloutWorker(cfg) for _ in range(r.rollout_workers)])
-        reference = LocalGroup([ReferenceWorker(cfg)]) if need_reference else None
+        policy = LocalGroup([PolicyWorker(cfg, total_opt_steps, semantic_ids=sids)])
+        rollout = LocalGroup([RolloutWorker(cfg, sids) for _ in range(r.rollout_workers)])
+        reference = LocalGroup([ReferenceWorker(cfg, sids)]) if need_reference else None
         reward = LocalGroup([RewardWorker(cfg)])
     else:
         from posttrain.rl.groups import ray_groups
 
-        policy, rollout, reference, reward, pools = ray_groups(cfg, total_opt_steps, need_reference)
+        policy, rollout, reference, reward, pools = ray_groups(cfg, total_opt_steps, need_reference, sids)
     for note in policy.call("notes")[0]:
         print(f"[model] {note}")
 

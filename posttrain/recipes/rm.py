@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 
 from posttrain.config import JobConfig
-from posttrain.models.build import build_model_for
-from posttrain.recipes.dpo import count_pairs
-from posttrain.train.preference import bradley_terry_loss
+from posttrain.parallel.build import build_model_for
+from posttrain.train.preference import bradley_terry_loss, count_pairs
 from posttrain.train.setup import (
     Timer,
     build_tokenizer,

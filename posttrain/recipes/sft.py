@@ -10,7 +10,7 @@ The pretrain recipe runs the same flow on raw text (every token bears loss).
 from __future__ import annotations
 
 from posttrain.config import JobConfig
-from posttrain.models.build import build_model_for
+from posttrain.parallel.build import build_model_for
 from posttrain.train.setup import (
     Timer,
     build_tokenizer,

@@ -22,11 +22,11 @@ import time
 
 import torch
 
+from posttrain.data.labels import IGNORE
 from posttrain.errors import PosttrainError
 from posttrain.rl.groups import deal, undeal
 from posttrain.rl.grpo import collate_episodes, group_advantages
 from posttrain.rl.workers import fill_logprobs
-from posttrain.train.losses import IGNORE
 
 
 class LogprobMismatchError(PosttrainError):

@@ -22,9 +22,8 @@ from typing import Protocol
 
 from posttrain.data.chat import render_ids
 from posttrain.data.schemas import RLPrompt
-from posttrain.rl.engine import SamplingParams
-from posttrain.rl.grpo import Episode
 from posttrain.rl.rewards import RewardContext, exact_answer
+from posttrain.rl.types import Episode, SamplingParams
 
 
 @dataclass

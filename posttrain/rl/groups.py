@@ -169,17 +169,18 @@ class Pools:
             ray.shutdown()
 
 
-def ray_groups(cfg, total_steps: int, need_reference: bool):
-    """(policy, rollout, reference or None, reward) groups as Ray actors, and the pools to free."""
+def ray_groups(cfg, total_steps: int, need_reference: bool, semantic_ids=None):
+    """(policy, rollout, reference or None, reward) groups as Ray actors, and the pools to free
+    (`semantic_ids`: the event hook's constraint builder, see workers.build_constraint)."""
     import ray
     import torch
 
-    from posttrain.launch_ray import _connect
+    from posttrain.parallel.ray_cluster import connect_ray
     from posttrain.rl import workers
 
     r = cfg.rl
     bundles = r.policy_workers + (0 if r.placement == "colocated" else r.rollout_workers + 1)
-    started = _connect(ray, r.ray_address, bundles)  # a local Ray gets enough logical CPUs for the pools
+    started = connect_ray(ray, r.ray_address, bundles)  # a local Ray gets enough logical CPUs for the pools
 
     use_gpu = torch.cuda.is_available() and ray.cluster_resources().get("GPU", 0) > 0
     pools = Pools(cfg, use_gpu)
@@ -202,17 +203,22 @@ def ray_groups(cfg, total_steps: int, need_reference: bool):
             }
             if n > 1
             else None,
+            semantic_ids,
         )
         for r in range(n)
     ]
     rollout = [
-        actor(workers.RolloutWorker).options(**pools.options("rollout", i)).remote(cfg)
+        actor(workers.RolloutWorker).options(**pools.options("rollout", i)).remote(cfg, semantic_ids)
         for i in range(cfg.rl.rollout_workers)
     ]
     reference = None
     if need_reference:
         reference = RayGroup(
-            [actor(workers.ReferenceWorker).options(**pools.options("reference", 0)).remote(cfg)]
+            [
+                actor(workers.ReferenceWorker)
+                .options(**pools.options("reference", 0))
+                .remote(cfg, semantic_ids)
+            ]
         )
     reward = RayGroup([actor(workers.RewardWorker).options(**pools.options("reward", 0)).remote(cfg)])
     pools.started_ray = started

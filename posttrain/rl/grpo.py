@@ -23,13 +23,15 @@ parallelism stay exact, as for SFT (posttrain/train/trainer.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from posttrain.data.labels import IGNORE
 from posttrain.data.packing import BestFitPacker
 from posttrain.data.samples import Sample
-from posttrain.train.losses import AUTO_CHUNK_BYTES, IGNORE
+from posttrain.rl.types import Episode
+from posttrain.train.losses import AUTO_CHUNK_BYTES
 from posttrain.train.preference import _chunk_logits, _ChunkedTokenLogprobs
 
 AGGREGATIONS = ("token", "sequence", "constant")
@@ -125,7 +127,7 @@ def token_logprobs(
     chunk_size: int | None = None,
     allowed_NV: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """log softmax(h w^T / temperature)[target] at every loss position (targets != -100), flattened in
+    """log softmax(h w^T / temperature)[target] at every loss position (targets != IGNORE), flattened in
     row-major order; exact gradients, never more than one [chunk, vocab] block of logits.
 
     With `allowed_NV` (bool [loss positions, real vocab], a sampling constraint's mask, `constraint_mask`)
@@ -163,7 +165,7 @@ def constraint_mask(
     targets_BT: torch.Tensor, episode_index_BT: torch.Tensor, constraint, vocab_size: int
 ) -> torch.Tensor:
     """bool [loss positions, vocab_size], row-major like `token_logprobs`: what `constraint` (a
-    posttrain.rl.engine.TokenConstraint) allowed when each sampled token was drawn. A position's
+    posttrain.rl.types.TokenConstraint) allowed when each sampled token was drawn. A position's
     generated prefix is the earlier loss tokens of its episode (an episode's tokens are consecutive in
     one row, in order; single-turn: the rollout engine's whole generate call)."""
     keep = targets_BT != IGNORE
@@ -208,24 +210,6 @@ def token_entropy(
 
 
 # ------------------------------------------------------------------------------ episodes -> batches
-
-
-@dataclass
-class Episode:
-    """One sampled trajectory, as tokens: the prompt, then the policy's tokens interleaved with any
-    observation tokens from an environment. `policy_mask[i]` is 1 where the policy generated token i
-    (those bear loss); `rollout_logprobs[i]` is the engine's log-prob of token i (0 elsewhere)."""
-
-    token_ids: list[int]
-    policy_mask: list[int]
-    rollout_logprobs: list[float]
-    reward: float = 0.0
-    group: int = 0  # index of its prompt in the rollout batch
-    fields: dict[str, list[float]] = field(default_factory=dict)  # per-token values filled by the controller
-
-    @property
-    def num_policy_tokens(self) -> int:
-        return sum(self.policy_mask)
 
 
 def collate_episodes(

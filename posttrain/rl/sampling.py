@@ -17,12 +17,9 @@ Shape legend: B rows, V real vocabulary.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from posttrain.rl.engine import SamplingParams
+from posttrain.rl.types import SamplingParams
 
 
 def sorted_descending(x_BV: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,8 @@ import torch
 
 from posttrain.errors import ModelError
 from posttrain.models.vocab import trimmed_state_dict
-from posttrain.rl.engine import Rollout, SamplingParams, check_prompts, check_version
+from posttrain.rl.engine import check_prompts, check_version
+from posttrain.rl.types import Rollout, SamplingParams
 
 
 def vllm_weights(

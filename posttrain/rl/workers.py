@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from posttrain.config import JobConfig
+from posttrain.data.labels import IGNORE
+from posttrain.errors import ConfigError
 from posttrain.rl.grpo import (
     GRPOLossConfig,
     constraint_mask,
@@ -28,7 +30,6 @@ from posttrain.rl.grpo import (
     token_entropy,
     token_logprobs,
 )
-from posttrain.train.losses import IGNORE
 
 
 def _tokenizer(cfg: JobConfig):
@@ -51,22 +52,21 @@ def loss_config(cfg: JobConfig) -> GRPOLossConfig:
     )
 
 
-def build_constraint(cfg: JobConfig, tokenizer):
+def build_constraint(spec: str | None, tokenizer, semantic_ids=None):
     """rl.constraint -> (TokenConstraint, completion decoder or None), or (None, None) without one.
 
-    semantic_ids: the event model's item-code trie (event_vocab.json beside model.path), whose decoder
-    writes a completion as the item ids it names; path/to/file.py:make_constraint: make(tokenizer)."""
-    spec = cfg.rl.constraint
+    semantic_ids: the event model's item-code trie, whose decoder writes a completion as the item ids
+    it names; `semantic_ids(tokenizer)` builds both. The event-data hook (posttrain/events/rl.py) hands
+    it to the workers, so RL knows nothing of events. path/to/file.py:make_constraint: make(tokenizer)."""
     if spec is None:
         return None, None
     if spec == "semantic_ids":
-        from posttrain.errors import ConfigError
-        from posttrain.events.rl import ItemCodeConstraint
-
-        if cfg.model.path is None:
-            raise ConfigError("rl.constraint=semantic_ids reads event_vocab.json beside model.path; set it")
-        trie = ItemCodeConstraint.from_model_dir(cfg.model.path, tokenizer)
-        return trie, trie.decode
+        if semantic_ids is None:
+            raise ConfigError(
+                "rl.constraint=semantic_ids is an event model's item-code trie: it needs event data "
+                "(data.train of format events, docs/events.md)"
+            )
+        return semantic_ids(tokenizer)
     from posttrain.rl.rewards import load_function
 
     return load_function(spec, "rl.constraint")(tokenizer), None
@@ -139,12 +139,15 @@ class _DataState:
 class PolicyWorker:
     """One rank of the policy's SPMD group (rank 0 of 1 in a local run)."""
 
-    def __init__(self, cfg: JobConfig, total_steps: int, env: dict[str, str] | None = None):
+    def __init__(
+        self, cfg: JobConfig, total_steps: int, env: dict[str, str] | None = None, semantic_ids=None
+    ):
         if env:  # a Ray actor joins the group through torchrun's variables
             os.environ.update(env)
         from posttrain.config import dump_job
         from posttrain.metrics.mfu import peak_flops
-        from posttrain.models.build import build_model_for, flops_fn_for, head_counts
+        from posttrain.models.build import flops_fn_for, head_counts
+        from posttrain.parallel.build import build_model_for
         from posttrain.parallel.parallelize import autocast_dtype
         from posttrain.parallel.world import init_world
         from posttrain.train.setup import seed_everything
@@ -158,7 +161,7 @@ class PolicyWorker:
             cfg.model, self.tokenizer, cfg.seed, world=self.world, parallelism=cfg.parallelism
         )
         self.model = self.built.module
-        self.constraint, _ = build_constraint(cfg, self.tokenizer)
+        self.constraint, _ = build_constraint(cfg.rl.constraint, self.tokenizer, semantic_ids)
         device = next(self.model.parameters()).device
         self.trainer = Trainer(
             self.model,
@@ -243,7 +246,7 @@ class PolicyWorker:
 
 def _single_device_model(cfg: JobConfig, tokenizer):
     """The starting weights on one device (an engine's or the reference's own copy)."""
-    from posttrain.models.build import build_model_for
+    from posttrain.parallel.build import build_model_for
     from posttrain.parallel.world import use_cuda
 
     model = build_model_for(cfg.model, tokenizer, cfg.seed).module
@@ -253,14 +256,13 @@ def _single_device_model(cfg: JobConfig, tokenizer):
 class RolloutWorker:
     """A rollout engine and the environment: whole episodes, token-in / token-out."""
 
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, semantic_ids=None):
         from posttrain.rl.engine import LocalEngine
 
         self.cfg = cfg
         self.tokenizer = _tokenizer(cfg)
-        constraint, self.decode = build_constraint(cfg, self.tokenizer)
+        constraint, self.decode = build_constraint(cfg.rl.constraint, self.tokenizer, semantic_ids)
         if cfg.rl.engine == "vllm":
-            from posttrain.errors import ConfigError
             from posttrain.rl.vllm_engine import VLLMEngine
 
             if constraint is not None:
@@ -296,8 +298,8 @@ class RolloutWorker:
         self, prompts: list, *, seed: int | None, version: int, greedy: bool = False, group_size=None
     ):
         """Episodes (posttrain.rl.env.EpisodeResult) for `prompts` (posttrain.rl.prompts.Prompt)."""
-        from posttrain.rl.engine import SamplingParams
         from posttrain.rl.env import run_episodes
+        from posttrain.rl.types import SamplingParams
 
         r = self.cfg.rl
         stops = (self.tokenizer.end_of_turn_id, self.tokenizer.eos_id)
@@ -341,13 +343,13 @@ def environment_factory(spec: str, tokenizer, max_turns: int):
 class ReferenceWorker:
     """The frozen starting policy, for the KL term."""
 
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, semantic_ids=None):
         self.cfg = cfg
         self.tokenizer = _tokenizer(cfg)
         self.model = _single_device_model(cfg, self.tokenizer)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.constraint, _ = build_constraint(cfg, self.tokenizer)
+        self.constraint, _ = build_constraint(cfg.rl.constraint, self.tokenizer, semantic_ids)
 
     def logprobs(self, batches: list[dict]) -> list[torch.Tensor]:
         return [

@@ -45,13 +45,17 @@ q = exp(t), all per row; d/dlogits = d/dx / T; derived from dL/dx = g - p * sum(
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import torch
 
-from posttrain.train.losses import AUTO_CHUNK_BYTES, IGNORE
+from posttrain.data.labels import IGNORE
+from posttrain.errors import ConfigError
+from posttrain.train.losses import AUTO_CHUNK_BYTES
 
 DistillKind = Literal["forward_kl", "reverse_kl", "jsd"]
 KIND_BETA: dict[str, float] = {"forward_kl": 0.0, "reverse_kl": 1.0}  # "jsd" uses the given beta
@@ -321,3 +325,30 @@ def topk_distill_loss(
         return loss, g_cV.scatter_add_(-1, ids_cK, -q_cK)
 
     return _run(h_BTD, w_VD, keep_N, chunk_fn, _auto_chunk(chunk_size, vocab), vocab, temperature), num_tokens
+
+
+def check_teacher_tokenizer(teacher_path: str | None, tokenizer) -> None:
+    """The teacher must share the student's vocabulary: same token -> id map where the teacher ships a
+    tokenizer, else a vocabulary at least as large as the student's tokenizer."""
+    if teacher_path is None:
+        return
+    path = Path(teacher_path)
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        theirs = AutoTokenizer.from_pretrained(str(path)).get_vocab()
+        ours = tokenizer.hf.get_vocab()
+        differ = sorted(set(theirs.items()) ^ set(ours.items()))
+        if differ:
+            raise ConfigError(
+                f"distill.teacher: the tokenizer at {path} differs from tokenizer.path ({len(theirs)} vs "
+                f"{len(ours)} tokens, {len(differ)} (token, id) entries differ, e.g. {differ[:3]}); "
+                "distillation needs one vocabulary"
+            )
+        return
+    vocab = json.loads((path / "config.json").read_text()).get("vocab_size", 0)
+    if vocab < tokenizer.vocab_size:
+        raise ConfigError(
+            f"distill.teacher: {path} has {vocab} vocabulary rows, fewer than the tokenizer's "
+            f"{tokenizer.vocab_size} tokens"
+        )

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from posttrain.data.labels import IGNORE
+
 AUTO_CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk when chunk_size is None (~110 rows at vocab 152k)
 
 

@@ -25,10 +25,12 @@ from pathlib import Path
 import torch
 
 from posttrain.config import JobConfig, SourceConfig
+from posttrain.data.labels import IGNORE
 from posttrain.data.packing import collate
 from posttrain.data.reference import pair_key, reference_file, reference_identity, write_reference_logps
-from posttrain.data.samples import IGNORE, Sample, render_record
-from posttrain.data.schemas import renderer, validate
+from posttrain.data.render import renderer
+from posttrain.data.samples import Sample, render_record
+from posttrain.data.schemas import validate
 from posttrain.data.sources import SourceStream
 from posttrain.errors import ConfigError, DataError
 from posttrain.train.losses import AUTO_CHUNK_BYTES
@@ -89,7 +91,7 @@ def _forward(model, group: list[Item], pad_id: int, head_fn):
 
 
 def _frozen(model_cfg, tokenizer, seed: int):
-    from posttrain.models.build import build_model_for
+    from posttrain.parallel.build import build_model_for
 
     model = build_model_for(model_cfg, tokenizer, seed).module
     return model.to("cuda" if torch.cuda.is_available() else "cpu").requires_grad_(False).eval()
@@ -162,7 +164,7 @@ def write_teacher_topk(cfg: JobConfig, k: int, out: str | Path, split: str = "tr
     vocab, temperature = tokenizer.vocab_size, cfg.distill.temperature
     if not 1 <= k <= vocab:
         raise ConfigError(f"--k {k}: must lie in [1, {vocab}] (the tokenizer's vocabulary)")
-    from posttrain.recipes.distill import check_teacher_tokenizer
+    from posttrain.train.distill import check_teacher_tokenizer
 
     check_teacher_tokenizer(cfg.distill.teacher.path, tokenizer)
     teacher = _frozen(cfg.distill.teacher, tokenizer, cfg.seed)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from posttrain.train.losses import AUTO_CHUNK_BYTES, IGNORE
+from posttrain.data.labels import IGNORE
+from posttrain.train.losses import AUTO_CHUNK_BYTES
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -187,3 +188,8 @@ def bradley_terry_loss(
     if center_rewards_coef:
         losses = losses + center_rewards_coef * (r_chosen_P + r_rejected_P) ** 2
     return losses
+
+
+def count_pairs(batch: dict) -> int:
+    """Loss units of pair losses: chosen documents in the micro-batch."""
+    return int((batch["doc_roles"] == 0).sum())

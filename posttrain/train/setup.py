@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from posttrain.config import DataConfig, TokenizerConfig, TrainingConfig, gradient_accumulation_steps
+from posttrain.data.labels import IGNORE
 from posttrain.data.loader import TrainLoader, eval_batches
 from posttrain.data.pipeline import build_pipeline
 from posttrain.data.samples import Annotate, Sample
@@ -139,7 +140,7 @@ def evaluate_loss(
     default, pairs for preference losses): {"eval_loss", "eval_<metric>"..., "eval_units"}."""
     from posttrain.metrics.progress import Progress
 
-    count = loss_units or (lambda b: int((b["targets"] != -100).sum()))
+    count = loss_units or (lambda b: int((b["targets"] != IGNORE).sum()))
     was_training = model.training
     model.eval()
     total, units, sums = 0.0, 0, {}

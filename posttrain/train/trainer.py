@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from posttrain.config import MetricsConfig, OptimConfig, ScheduleConfig, TrainingConfig
+from posttrain.data.labels import IGNORE
 from posttrain.errors import PosttrainError
 from posttrain.metrics import runs
 from posttrain.metrics.progress import Progress
@@ -46,7 +47,7 @@ LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 
 def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Default loss units: positions with a real next-token target."""
-    return int((batch["targets"] != -100).sum())
+    return int((batch["targets"] != IGNORE).sum())
 
 
 class NonFiniteError(PosttrainError):

@@ -8,6 +8,7 @@ import sys
 import yaml
 from helpers import ROOT, job, tokenizer, write_jsonl
 
+from posttrain.data.labels import IGNORE
 from posttrain.data.synthetic import generate_problems, to_multiturn_chat
 
 
@@ -33,7 +34,7 @@ def test_inspect_json_masks_are_exactly_the_assistant_turns(tmp_path):
         # Contiguous loss spans, decoded, are each assistant content followed by its end-of-turn token.
         spans, current = [], []
         for i, y in zip(ids, labels):
-            if y != -100:
+            if y != IGNORE:
                 current.append(i)
             elif current:
                 spans.append(current)

@@ -105,7 +105,7 @@ def test_ipo_reads_length_averaged_reference_from_the_summed_values(data):
     from posttrain.data.packing import BestFitPacker, collate, rows_from_state, rows_to_state
     from posttrain.data.reference import ReferenceLogps, reference_identity
     from posttrain.data.samples import load_samples
-    from posttrain.models.build import build_model_for
+    from posttrain.parallel.build import build_model_for
     from posttrain.recipes.dpo import doc_logprobs, precomputed_reference
     from posttrain.train.setup import build_tokenizer
 

@@ -58,11 +58,12 @@ def test_export_and_vocabulary_load_again_with_the_same_logits_and_scores(base):
     from transformers import AutoModelForCausalLM
 
     from posttrain.data.tokenizer import Tokenizer
+    from posttrain.events.dataset import load_events
     from posttrain.events.model import ITEM_HEAD
     from posttrain.events.semantic_ids import EventVocab
     from posttrain.events.sequences import EventEncoder, heldout_queries, token_table
     from posttrain.models.hf_io import load_pretrained
-    from posttrain.recipes.events import evaluate_heldout, load_events
+    from posttrain.recipes.events import evaluate_heldout
 
     out, summary = base
     hf = out / "hf"
@@ -79,7 +80,7 @@ def test_export_and_vocabulary_load_again_with_the_same_logits_and_scores(base):
     cfg = load_job(
         ROOT / "configs/tiny/events.yaml", [f"model.path={hf}", "model.arch=null", f"tokenizer.path={hf}"]
     )
-    events = load_events(cfg)
+    events = load_events(cfg.events, cfg.data.train_sources, cfg.model.path, cfg.seed)
     queries = heldout_queries(events.users, EventEncoder(vocab, table), cfg.events.max_history_events)
     report = evaluate_heldout(model, queries, events, EventEncoder(vocab, table), cfg, tok.pad_id)
     for name in ("model", "model_semantic_ids"):

@@ -17,6 +17,7 @@ from posttrain.errors import ConfigError
 from posttrain.metrics.jsonl import read_jsonl
 from posttrain.models import build, hf_io, lora
 from posttrain.models.verify import TINY_CONFIGS
+from posttrain.parallel.build import build_model_for
 from posttrain.recipes import sft
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.setup import lm_loss_fn
@@ -161,7 +162,7 @@ def test_only_adapters_require_grad_and_reach_the_optimizer(tmp_path):
     """apply_lora freezes everything but lora_a/lora_b, and the trainer's param groups hold exactly those."""
     tok = tokenizer()
     arch = ArchConfig(**TINY_ARCH)
-    built = build.build_model_for(ModelConfig(arch=arch, lora=LoRAConfig(**LORA)), tok, seed=0)
+    built = build_model_for(ModelConfig(arch=arch, lora=LoRAConfig(**LORA)), tok, seed=0)
     model = built.module
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(n.endswith((".lora_a.weight", ".lora_b.weight")) for n in trainable)

@@ -17,6 +17,7 @@ import torch
 
 from posttrain.cli import main as cli
 from posttrain.config import load_job
+from posttrain.data.labels import IGNORE
 from posttrain.data.packing import BestFitPacker, collate, rows_from_state, rows_to_state
 from posttrain.errors import ConfigError, DataError
 from tests.helpers import ROOT, write_jsonl
@@ -82,7 +83,7 @@ def _packed(samples, row_len: int = 256):
 
 
 def _student_and_loss(cfg):
-    from posttrain.models.build import build_model_for
+    from posttrain.parallel.build import build_model_for
     from posttrain.recipes import distill
 
     tok = _tokenizer()
@@ -103,7 +104,7 @@ def test_the_file_has_one_row_per_completion_token(files):
             messages = [*rec["messages"], {"role": "assistant", "content": rec["completion"]}]
             _, labels = tok.render_chat(messages, mask="last_assistant")
             rows = rec["teacher_topk"]
-            assert len(rows["ids"]) == sum(y != -100 for y in labels[1:]) and len(rows["ids"][0]) == k
+            assert len(rows["ids"]) == sum(y != IGNORE for y in labels[1:]) and len(rows["ids"][0]) == k
             assert rows["logprobs"][0] == sorted(rows["logprobs"][0], reverse=True)  # the k most likely
             if k == VOCAB:  # the whole distribution: probabilities sum to 1
                 assert abs(sum(np.exp(rows["logprobs"][0])) - 1.0) < 1e-4
@@ -126,7 +127,7 @@ def test_topk_over_the_whole_vocabulary_equals_the_online_teacher(files):
         grads = torch.cat([p.grad.flatten() for p in student.parameters()])
         results.append((float(loss.detach()), float(metrics["distill_loss"]), grads))
     (off, off_kd, g_off), (on, on_kd, g_on) = results
-    n = int((batch["targets"] != -100).sum())
+    n = int((batch["targets"] != IGNORE).sum())
     grad_rel = float((g_off - g_on).abs().max() / g_on.abs().max())
     print(f"per token: offline {off / n:.7f} online {on / n:.7f}; kd {off_kd / n:.7f} vs {on_kd / n:.7f}")
     print(f"grad max rel diff {grad_rel:.1e}")
@@ -173,7 +174,7 @@ def _marked_records(path: Path, out: Path) -> Path:
         ids, labels = tok.render_chat(
             [*rec["messages"], {"role": "assistant", "content": rec["completion"]}], mask="last_assistant"
         )
-        targets = [y for y in labels[1:] if y != -100]
+        targets = [y for y in labels[1:] if y != IGNORE]
         topk = {
             "ids": [[y, r, t] for t, y in enumerate(targets)],
             "logprobs": [[-0.5, -1.0, -2.0]] * len(targets),
@@ -195,7 +196,7 @@ def test_packing_carries_each_row_to_its_token(files, tmp_path, overlong):
     unpacked = [collate([[s]], pad) for s in samples]
 
     def rows_by_token(batch):
-        keep = batch["targets"] != -100
+        keep = batch["targets"] != IGNORE
         ids = batch["teacher_topk_ids"]
         assert ids.shape == (int(keep.sum()), 3) and torch.equal(ids[:, 0], batch["targets"][keep])
         return sorted(map(tuple, ids.tolist()))

@@ -84,7 +84,7 @@ def test_reward_model_ranks_held_out_pairs_and_loads_as_a_sequence_classifier(tm
     ids, _, (n_c, _) = render_pair(tok, pair)
     with torch.no_grad():
         score_hf = float(hf(torch.tensor([ids[:n_c]])).logits[0, 0])
-    from posttrain.models.build import build_model_for
+    from posttrain.parallel.build import build_model_for
     from posttrain.train import checkpoint as ckpt
 
     cfg = load_job(CONFIGS / "rm.yaml")

@@ -4,6 +4,7 @@ of the whole optimizer step, so how a step is split cannot change the update."""
 import torch
 from helpers import ROOT, job_config, make_trainer, tiny_model, tokenizer
 
+from posttrain.data.labels import IGNORE
 from posttrain.data.packing import collate
 from posttrain.data.samples import load_samples
 from posttrain.train.setup import lm_loss_fn
@@ -21,7 +22,7 @@ def test_one_by_eight_equals_eight_by_one(tmp_path):
     )
     rows = [[s] for s in samples[:8]]
     # Rows with very different loss-token counts: a per-micro-batch mean would weight them wrongly.
-    assert len({sum(1 for y in r[0].labels if y != -100) for r in rows}) > 1
+    assert len({sum(1 for y in r[0].labels if y != IGNORE) for r in rows}) > 1
     one = collate(rows, tok.pad_id, row_len=128)
     eight = [collate([r], tok.pad_id, row_len=128) for r in rows]
 
@@ -56,7 +57,7 @@ def test_mean_of_micro_means_would_differ(tmp_path):
         b = collate([[s]], tok.pad_id, 128)
         with torch.no_grad():
             loss, _ = loss_fn(model, b)
-        per.append((float(loss), int((b["targets"] != -100).sum())))
+        per.append((float(loss), int((b["targets"] != IGNORE).sum())))
     token_mean = sum(x for x, _ in per) / sum(n for _, n in per)
     mean_of_means = sum(x / n for x, n in per) / len(per)
     assert abs(token_mean - mean_of_means) > 1e-3

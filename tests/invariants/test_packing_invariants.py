@@ -5,6 +5,7 @@ document, and targets are shifted within each document."""
 import torch
 from helpers import tiny_model, tokenizer
 
+from posttrain.data.labels import IGNORE
 from posttrain.data.packing import collate
 from posttrain.data.samples import Sample
 from posttrain.data.synthetic import generate_problems, to_chat
@@ -58,7 +59,9 @@ def test_targets_never_cross_documents():
     tok, samples = _samples(3)
     batch = collate([samples], tok.pad_id, row_len=200)
     ends = torch.tensor(samples[0].input_ids).numel() - 1
-    assert batch["targets"][0, ends] == -100  # last token of doc 0 predicts nothing
+    assert batch["targets"][0, ends] == IGNORE  # last token of doc 0 predicts nothing
     assert batch["position_ids"][0, ends + 1] == 0  # doc 1 restarts its positions
     total = sum(len(s.input_ids) for s in samples)
-    assert (batch["targets"][0, total:] == -100).all() and (batch["input_ids"][0, total:] == tok.pad_id).all()
+    assert (batch["targets"][0, total:] == IGNORE).all() and (
+        batch["input_ids"][0, total:] == tok.pad_id
+    ).all()

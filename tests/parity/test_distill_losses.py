@@ -4,7 +4,7 @@ gradients w.r.t. the student's hidden states and output matrix, at temperatures 
 rows cannot influence anything; the offline top-k loss equals a naive full-logits reference and, with k
 covering the vocabulary, the forward KL against the same teacher. All fp32.
 
-TRL is called with reduction="sum": it masks positions with labels == -100 and sums the divergence over
+TRL is called with reduction="sum": it masks positions with labels == IGNORE and sums the divergence over
 the remaining positions and the vocabulary, which is what we return (its "batchmean" is that sum divided
 by the unmasked count, the division our trainer does)."""
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from posttrain.data.labels import IGNORE
 from posttrain.train.distill import distill_loss, topk_distill_loss
 
 V, D, DT = 50, 16, 24  # vocab, student hidden, teacher hidden (teachers may be wider)
@@ -54,7 +55,7 @@ def test_equals_trl_generalized_jsd_loss_and_gradients(kind, beta, temperature):
     trl_mean = GKDTrainer.generalized_jsd_loss(
         h @ w.T, th @ tw.T, labels=targets, beta=beta, temperature=temperature, reduction="batchmean"
     )
-    assert n == int((targets != -100).sum())
+    assert n == int((targets != IGNORE).sum())
     rel = abs(ours.item() - trl.item()) / abs(trl.item())
     gh, gw = (_rel_grad_diff(m, r) for m, r in zip(g_ours, g_trl))
     print(f"{kind} beta={beta} T={temperature}: loss rel {rel:.1e}, grad h {gh:.1e}, grad w {gw:.1e}")
@@ -79,7 +80,7 @@ def test_chunking_changes_nothing(kind):
 def test_padded_vocabulary_rows_change_nothing(kind):
     real = 40
     h, w, th, tw, targets = _inputs(2)
-    targets = targets.clamp(max=real - 1).masked_fill(targets == -100, -100)
+    targets = targets.clamp(max=real - 1).masked_fill(targets == IGNORE, -100)
     g = torch.Generator().manual_seed(3)
     # Huge logits in the padding columns (|logit| ~ 1e5): they would swamp any softmax that saw them.
     w_pad = torch.cat([w.detach(), torch.randn(V - real, D, generator=g) * 1e4]).requires_grad_()
@@ -99,7 +100,7 @@ def test_padded_vocabulary_rows_change_nothing(kind):
 
 
 def _teacher_logprobs(th, tw, targets, temperature: float) -> torch.Tensor:
-    keep = targets.reshape(-1) != -100
+    keep = targets.reshape(-1) != IGNORE
     return ((th.reshape(-1, th.shape[-1])[keep] @ tw.T) / temperature).log_softmax(-1)
 
 
@@ -110,7 +111,7 @@ def test_topk_equals_naive_full_logits_reference(temperature):
     vals[0, -1] = float("-inf")  # a row that stored only four candidates
     ours, n = topk_distill_loss(h, w, targets, ids, vals, temperature=temperature, chunk_size=3)
     g_ours = _grads(ours, h, w)
-    keep = targets.reshape(-1) != -100
+    keep = targets.reshape(-1) != IGNORE
     s_logp = ((h.reshape(-1, D)[keep] @ w.T) / temperature).log_softmax(-1)
     terms = vals.exp() * (vals - s_logp.gather(-1, ids))
     ref = torch.where(vals.isneginf(), 0.0, terms).sum()

@@ -18,7 +18,9 @@ def _packed(vocab: int, lens=(7, 13, 5, 11)):
     ids = torch.randint(0, vocab, (2, T), generator=g)
     pos = torch.cat([torch.arange(n) for n in lens]).repeat(2, 1)
     doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)]).repeat(2, 1)
-    doc[1] = torch.cat([torch.zeros(20, dtype=torch.long), torch.ones(T - 20, dtype=torch.long)])  # rows differ
+    doc[1] = torch.cat(
+        [torch.zeros(20, dtype=torch.long), torch.ones(T - 20, dtype=torch.long)]
+    )  # rows differ
     pos[1] = torch.cat([torch.arange(20), torch.arange(T - 20)])
     return ids, pos, doc
 
@@ -51,7 +53,7 @@ def test_flex_on_a_cpu_is_a_config_error_and_auto_is_sdpa(tmp_path):
     from helpers import job_config, tokenizer
 
     from posttrain.errors import ConfigError
-    from posttrain.models.build import build_model_for
+    from posttrain.parallel.build import build_model_for
 
     cfg = job_config(tmp_path, tmp_path / "train.jsonl", model={"attention": "flex"})
     with pytest.raises(ConfigError, match="model.attention=flex needs a CUDA device"):

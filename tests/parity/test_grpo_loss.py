@@ -18,14 +18,8 @@ import torch
 
 from posttrain.models.hf_io import build_model, save_pretrained
 from posttrain.models.verify import TINY_CONFIGS
-from posttrain.rl.grpo import (
-    Episode,
-    GRPOLossConfig,
-    collate_episodes,
-    group_advantages,
-    grpo_loss_fn,
-    loss_units_for,
-)
+from posttrain.rl.grpo import GRPOLossConfig, collate_episodes, group_advantages, grpo_loss_fn, loss_units_for
+from posttrain.rl.types import Episode
 from tests.parity.test_preference_losses import _max_relative_grad_diff
 
 TOL = 1e-5

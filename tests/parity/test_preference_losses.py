@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from posttrain.data.labels import IGNORE
 from posttrain.models.heads import ScoreHead, add_head
 from posttrain.models.hf_io import build_model, save_pretrained, save_sequence_classifier
 from posttrain.models.qwen3 import to_hf_state_dict
 from posttrain.models.verify import TINY_CONFIGS
-from posttrain.train.losses import IGNORE
 from posttrain.train.preference import bradley_terry_loss, dpo_loss, sequence_logprobs
 
 TOL = 1e-5

@@ -18,6 +18,7 @@ import json
 import pytest
 import torch
 
+from posttrain.data.labels import IGNORE
 from posttrain.data.packing import BestFitPacker, collate
 from posttrain.data.pairs import render_pair
 from posttrain.data.samples import Sample
@@ -48,7 +49,7 @@ def _trl_batch(tok, pairs):
     for r, (ids, labels) in enumerate(halves):
         input_ids[r, : len(ids)] = torch.tensor(ids)
         attn[r, : len(ids)] = 1
-        comp[r, : len(ids)] = torch.tensor([int(y != -100) for y in labels])
+        comp[r, : len(ids)] = torch.tensor([int(y != IGNORE) for y in labels])
     return {"input_ids": input_ids, "attention_mask": attn, "completion_mask": comp}
 
 

@@ -13,9 +13,9 @@ import torch
 from posttrain.config import ModelConfig
 from posttrain.errors import ModelError
 from posttrain.models import verify, verify_on_load
-from posttrain.models.build import build_model_for
 from posttrain.models.hf_io import build_model, save_pretrained
 from posttrain.models.verify import TINY_CONFIGS
+from posttrain.parallel.build import build_model_for
 
 
 @pytest.fixture

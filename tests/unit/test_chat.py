@@ -12,8 +12,9 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as RawTokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from posttrain.data.chat import IGNORE_INDEX, assistant_labels, has_generation_markers
+from posttrain.data.chat import assistant_labels, has_generation_markers
 from posttrain.data.embedded_tokenizer import CHAT_TEMPLATE, embedded_tokenizer_dir
+from posttrain.data.labels import IGNORE
 from posttrain.data.synthetic import generate_problems, to_chat, to_multiturn_chat
 from posttrain.data.tokenizer import Tokenizer
 from posttrain.errors import DataError
@@ -108,10 +109,10 @@ def tokenizers(tmp_path_factory) -> dict[str, Tokenizer]:
 def _spans(labels: list[int]) -> list[tuple[int, int]]:
     """Contiguous runs of loss-bearing positions."""
     spans, start = [], None
-    for i, label in enumerate(labels + [IGNORE_INDEX]):
-        if label != IGNORE_INDEX and start is None:
+    for i, label in enumerate(labels + [IGNORE]):
+        if label != IGNORE and start is None:
             start = i
-        elif label == IGNORE_INDEX and start is not None:
+        elif label == IGNORE and start is not None:
             spans.append((start, i))
             start = None
     return spans
@@ -133,7 +134,7 @@ def test_ids_are_stock_and_spans_are_answers(tokenizers, name, conv):
     ids, labels = tok.render_chat(messages)
     assert ids == _stock_ids(tok, messages)
     assert len(labels) == len(ids)
-    assert all(label in (IGNORE_INDEX, i) for label, i in zip(labels, ids))
+    assert all(label in (IGNORE, i) for label, i in zip(labels, ids))
     end_of_turn = tok.decode([tok.end_of_turn_id], skip_special_tokens=False)
     assert end_of_turn == ("<|eot_id|>" if name == "llama3" else "<|im_end|>")
     answers = [m["content"] + end_of_turn for m in messages if m["role"] == "assistant"]
@@ -226,7 +227,7 @@ def test_empty_assistant_content_still_bears_loss_on_end_of_turn(tokenizers):
     for name in ("markers", "no_markers"):
         tok = tokenizers[name]
         ids, labels = tok.render_chat(messages)
-        assert [label for label in labels if label != IGNORE_INDEX] == [tok.end_of_turn_id]
+        assert [label for label in labels if label != IGNORE] == [tok.end_of_turn_id]
 
 
 def test_template_without_assistant_tokens_has_no_loss(tmp_path):

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from posttrain.data.chat import IGNORE_INDEX, assistant_labels
+from posttrain.data.chat import assistant_labels
+from posttrain.data.labels import IGNORE
 from posttrain.data.packing import collate
 from posttrain.data.samples import Sample
 from posttrain.data.tokenizer import Tokenizer
@@ -180,8 +181,8 @@ def _oracle(hf, template: str, messages: list[dict]) -> tuple[list[int], list[in
 def _ours(hf, template: str, messages: list[dict], end_of_turn: list[str]) -> tuple[list[int], list[int]]:
     hf.chat_template = template
     ids, labels = assistant_labels(hf, messages, hf.convert_tokens_to_ids(end_of_turn))
-    assert all(label in (IGNORE_INDEX, i) for label, i in zip(labels, ids))
-    return ids, [int(label != IGNORE_INDEX) for label in labels]
+    assert all(label in (IGNORE, i) for label, i in zip(labels, ids))
+    return ids, [int(label != IGNORE) for label in labels]
 
 
 def _runs(mask: list[int]) -> list[tuple[int, int]]:
@@ -314,9 +315,7 @@ def test_smollm2_own_template(smollm2, name):
     ids, labels = tok.render_chat(messages)
     oracle_ids, oracle_mask = _oracle(_tokenizer(smollm2), SMOLLM2_MARKED, messages)
     assert ids == oracle_ids == list(tok.hf.apply_chat_template(messages, tokenize=True)["input_ids"])
-    assert [int(label != IGNORE_INDEX) for label in labels] == _byte_pieces_fixed(
-        tok.hf, messages, oracle_mask
-    )
+    assert [int(label != IGNORE) for label in labels] == _byte_pieces_fixed(tok.hf, messages, oracle_mask)
     if messages[0]["role"] != "system":
         assert tok.decode(ids[:20], skip_special_tokens=False).startswith(
             "<|im_start|>system\nYou are a helpful AI"
@@ -337,15 +336,14 @@ def test_smollm2_answers_with_leading_spaces_are_masked_not_refused(smollm2):
     tok = Tokenizer(copy.deepcopy(smollm2))
     ids, labels = tok.render_chat(CONVERSATIONS["whitespace"])
     spans = [
-        tok.decode(ids[s:e], skip_special_tokens=False)
-        for s, e in _runs([int(x != IGNORE_INDEX) for x in labels])
+        tok.decode(ids[s:e], skip_special_tokens=False) for s, e in _runs([int(x != IGNORE) for x in labels])
     ]
     assert spans == [
         "\n  leading spaces<|im_end|>",
         "trailing spaces   \n\n<|im_end|>",
         "\n\n\nnewlines first<|im_end|>",
     ]
-    first = labels.index(next(x for x in labels if x != IGNORE_INDEX))
+    first = labels.index(next(x for x in labels if x != IGNORE))
     assert tok.decode(ids[first : first + 1], skip_special_tokens=False) == "\n "  # prompt "\n" + answer " "
     assert tok.decode(ids[first - 2 : first], skip_special_tokens=False) == "assistant"
 

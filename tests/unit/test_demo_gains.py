@@ -3,7 +3,8 @@ before it, and `--seeds` summarises the gains over seeds (mean, std, min..max, a
 
 import pytest
 
-from posttrain.recipes.demo import TARGETS, stage_gains, summarise_seeds
+from posttrain.recipes.demo import TARGETS
+from posttrain.recipes.demo_common import stage_gains, summarise_seeds
 
 
 def _stages(chat, pref, sampled):

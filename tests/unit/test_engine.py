@@ -19,7 +19,8 @@ from posttrain.models.hf_io import build_model
 from posttrain.models.kv_cache import KVCache
 from posttrain.models.lora import apply_lora, merged_state_dict
 from posttrain.models.verify import TINY_CONFIGS
-from posttrain.rl.engine import LocalEngine, SamplingParams, StaleWeightsError, prefill_groups
+from posttrain.rl.engine import LocalEngine, StaleWeightsError, prefill_groups
+from posttrain.rl.types import SamplingParams
 
 FAMILIES = sorted(TINY_CONFIGS)
 VOCAB = 500  # real vocabulary; the tiny configs have 512 rows, so rows 500..511 act as padding rows

@@ -7,7 +7,8 @@ from helpers import tiny_model, tokenizer
 from posttrain.data.synthetic import exact_match
 from posttrain.evaluate import exact_match_accuracy, sampled_exact_match_accuracy
 from posttrain.generate import greedy_generate
-from posttrain.rl.engine import LocalEngine, SamplingParams
+from posttrain.rl.engine import LocalEngine
+from posttrain.rl.types import SamplingParams
 
 
 def _rows(tok, model, max_new_tokens: int = 24) -> list[dict]:

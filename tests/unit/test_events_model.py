@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from helpers import TINY_ARCH
 
 from posttrain.config import ModelConfig
+from posttrain.data.labels import IGNORE
 from posttrain.data.packing import BestFitPacker, collate
 from posttrain.data.samples import Sample
 from posttrain.data.tokenizer import Tokenizer
@@ -25,7 +26,7 @@ from posttrain.events.sequences import (
     training_samples,
     training_windows,
 )
-from posttrain.models.build import build_model_for
+from posttrain.parallel.build import build_model_for
 
 TYPES = ["play", "view"]
 
@@ -80,7 +81,7 @@ def test_event_tokens_and_labels():
     n_view = sum(e.event_type == "view" for u in users for e in u.train)
     gaps = set(table.gap_ids)
     queries = sum(
-        1 for r in records for i, t in enumerate(r["input_ids"]) if t in gaps and r["labels"][i + 1] != -100
+        1 for r in records for i, t in enumerate(r["input_ids"]) if t in gaps and r["labels"][i + 1] != IGNORE
     )
     assert queries == n_view
 
@@ -145,7 +146,7 @@ def test_event_loss_equals_hand_built_cross_entropies(item_tokens: str, repeat_h
         )
         type_ce = F.cross_entropy(model.heads[TYPE_HEAD](h[qb, qt]), types, reduction="sum")
         logits = model.logits(h)[..., : tok.vocab_size]
-        keep = batch["targets"] != -100
+        keep = batch["targets"] != IGNORE
         code_ce = F.cross_entropy(logits[keep], batch["targets"][keep], reduction="sum")
     assert int(keep.sum()) == len(events) * vocab.num_levels  # targets: exactly the code tokens
     assert float(metrics["item_loss"]) == pytest.approx(float(item_ce), rel=1e-5)

@@ -17,9 +17,10 @@ from posttrain.config import JobConfig, SourceConfig
 from posttrain.data.schemas import validate
 from posttrain.errors import DataError
 from posttrain.events.rl import INVALID, ItemCodeConstraint, heldout_rows, training_rows
-from posttrain.rl.engine import LocalEngine, SamplingParams
-from posttrain.rl.grpo import Episode, collate_episodes, constraint_mask, token_entropy, token_logprobs
+from posttrain.rl.engine import LocalEngine
+from posttrain.rl.grpo import collate_episodes, constraint_mask, token_entropy, token_logprobs
 from posttrain.rl.prompts import load_eval_prompts
+from posttrain.rl.types import Episode, SamplingParams
 
 ITEM_CODES = 2  # levels in test_events_model.world()
 

@@ -10,10 +10,11 @@ import torch
 
 from posttrain.config import validate_job
 from posttrain.rl.controller import GRPOController, LogprobMismatchError
-from posttrain.rl.engine import SamplingParams, StaleWeightsError
+from posttrain.rl.engine import StaleWeightsError
 from posttrain.rl.groups import LocalGroup, deal, undeal
-from posttrain.rl.grpo import Episode, GRPOLossConfig, collate_episodes, grpo_loss_fn
+from posttrain.rl.grpo import GRPOLossConfig, collate_episodes, grpo_loss_fn
 from posttrain.rl.prompts import PromptStream
+from posttrain.rl.types import Episode, SamplingParams
 from posttrain.rl.workers import PolicyWorker, RewardWorker, RolloutWorker
 from posttrain.train.setup import build_tokenizer
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from posttrain.data.labels import IGNORE
 from posttrain.train.losses import chunked_cross_entropy, naive_cross_entropy
 
 
@@ -16,7 +17,7 @@ def test_chunked_equals_naive_values_and_grads(chunk):
     ga = torch.autograd.grad(a, [h, w])
     b, n_b = naive_cross_entropy(h, w, t, num_real_vocab=100)
     gb = torch.autograd.grad(b, [h, w])
-    assert n_a == n_b == int((t != -100).sum())
+    assert n_a == n_b == int((t != IGNORE).sum())
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from posttrain.data.labels import IGNORE
 from posttrain.data.packing import BestFitPacker, collate, rows_from_state, rows_to_state
 from posttrain.data.pairs import render_pair
 from posttrain.data.samples import Sample
@@ -22,8 +23,8 @@ def test_labels_cover_only_the_answers():
     row = {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "It is 6."}
     ids, labels, (n_c, n_r) = render_pair(tok, row)
     assert len(ids) == n_c + n_r
-    chosen = tok.decode([y for y in labels[:n_c] if y != -100])
-    rejected = tok.decode([y for y in labels[n_c:] if y != -100])
+    chosen = tok.decode([y for y in labels[:n_c] if y != IGNORE])
+    rejected = tok.decode([y for y in labels[n_c:] if y != IGNORE])
     assert chosen.strip() == "5" and rejected.strip() == "It is 6."
     assert ids[:n_c][: n_c - 3] == ids[n_c:][: n_c - 3]  # same prompt rendering in both halves
 
@@ -36,7 +37,7 @@ def test_whole_conversations_share_their_leading_messages_as_prompt():
         "rejected": [user, {"role": "assistant", "content": "3 2 1"}],
     }
     ids, labels, (n_c, _) = render_pair(tok, row)
-    assert tok.decode([y for y in labels[:n_c] if y != -100]).strip() == "1 2 3"
+    assert tok.decode([y for y in labels[:n_c] if y != IGNORE]).strip() == "1 2 3"
 
 
 def test_bad_pairs_name_the_problem():
@@ -65,7 +66,7 @@ def test_pairs_pack_whole_and_collate_into_two_documents():
     for d in range(len(lens)):
         where = (idx == d).nonzero().squeeze(-1)
         assert pos[where].tolist() == list(range(int(lens[d])))
-        assert int(tgt[where[-1]]) == -100
+        assert int(tgt[where[-1]]) == IGNORE
     assert torch.equal(batch["doc_ids"] >= 0, index >= 0)
 
 

@@ -7,7 +7,6 @@ import pytest
 from posttrain.data.schemas import RLPrompt
 from posttrain.data.tokenizer import Tokenizer
 from posttrain.errors import ConfigError
-from posttrain.rl.engine import Rollout, SamplingParams
 from posttrain.rl.env import RetryEnv, run_episodes, user_turn_ids
 from posttrain.rl.rewards import (
     RewardContext,
@@ -17,6 +16,7 @@ from posttrain.rl.rewards import (
     load_function,
     score_episodes,
 )
+from posttrain.rl.types import Rollout, SamplingParams
 
 
 def ctx(text: str, answer: str, finish: str = "stop") -> RewardContext:

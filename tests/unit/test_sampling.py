@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from posttrain.rl.engine import SamplingParams
 from posttrain.rl.sampling import sample_next, sorted_descending, truncate_logits
+from posttrain.rl.types import SamplingParams
 
 
 def _reference_keep(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

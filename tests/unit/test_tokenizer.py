@@ -7,8 +7,8 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from posttrain.data.chat import IGNORE_INDEX
 from posttrain.data.embedded_tokenizer import embedded_tokenizer_dir
+from posttrain.data.labels import IGNORE
 from posttrain.data.tokenizer import Tokenizer
 from posttrain.errors import ModelError
 
@@ -115,7 +115,7 @@ def test_prompt_completion_masks_only_completion_and_eos(tok):
     n_prompt = len(tok.encode("What is 47 + 8? Answer:"))
     completion = tok.encode(" 55")
     assert len(ids) == len(labels) == n_prompt + len(completion) + 1
-    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert labels[:n_prompt] == [IGNORE] * n_prompt
     assert labels[n_prompt:] == ids[n_prompt:] == completion + [tok.eos_id]
 
 

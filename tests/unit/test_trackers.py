@@ -4,9 +4,6 @@ the flattening of the config into tracker params, and the fan-out that closes ea
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
-import sys
 
 import pytest
 from helpers import ROOT, job_config
@@ -70,16 +67,3 @@ def test_jsonl_only_and_finish_is_idempotent(tmp_path):
         {"step": 1, "eval_loss": 1.5},
     ]
     assert not (tmp_path / trackers.IDS_FILE).exists()  # no run ids to keep for jsonl alone
-
-
-def test_import_posttrain_stays_light():
-    code = (
-        "import sys, posttrain, posttrain.config, posttrain.metrics.trackers, posttrain.metrics.runs, "
-        "posttrain.metrics.report, posttrain.cli; "
-        "print(json.dumps(sorted(m for m in ('mlflow', 'tensorboard', 'wandb', 'matplotlib', 'torch') "
-        "if m in sys.modules)))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True
-    )
-    assert json.loads(out.stdout) == []

@@ -21,7 +21,8 @@ from posttrain.models.hf_io import build_model, save_pretrained
 from posttrain.models.lora import apply_lora, merged_state_dict
 from posttrain.models.verify import TINY_CONFIGS
 from posttrain.models.vocab import trimmed_state_dict
-from posttrain.rl.engine import LocalEngine, Rollout, SamplingParams, StaleWeightsError
+from posttrain.rl.engine import LocalEngine, StaleWeightsError
+from posttrain.rl.types import Rollout, SamplingParams
 from posttrain.rl.vllm_engine import VLLMEngine, rollouts_from_outputs, vllm_sampling_kwargs, vllm_weights
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
