@@ -143,6 +143,31 @@ class EventPrompts:
     stats: dict
     semantic_ids: partial  # tokenizer -> (item-code trie, decoder): the workers' rl.constraint
 
+    def finish(self, start_model: str | None, hf_dir: str | None, pad_id: int) -> dict:
+        """After GRPO's export: the vocabulary beside it (the export is an event model again), and the
+        summary's `events` counts and `events_eval`: held-out recall/NDCG of the constrained beam
+        search, of the starting model and of the export."""
+        from posttrain.models.hf_io import load_pretrained
+
+        if hf_dir:
+            self.vocab.save(hf_dir)
+        report = {}
+        for name, path in (("before", start_model), ("after", hf_dir)):
+            if path is not None:
+                report[name] = ranking_report(load_pretrained(path)[0], self, pad_id)
+        for k in self.cfg.events.eval_ks:
+            key = f"recall@{k}"
+            shown = ", ".join(f"{n} {m[key]:.4f}" for n, m in report.items())
+            print(f"[grpo] held-out {key} (beam search): {shown}")
+        return {"events": self.stats, "events_eval": report}
+
+
+def event_prompts(cfg: JobConfig, tokenizer, out: Path) -> EventPrompts | None:
+    """The grpo recipe's event hook: prepare_grpo when data.train holds event logs, else None."""
+    if not any(s.format == "events" for s in cfg.data.train_sources):
+        return None
+    return prepare_grpo(cfg, tokenizer, out)
+
 
 def prepare_grpo(cfg: JobConfig, tokenizer, out: Path) -> EventPrompts:
     """Event logs in data.train -> OUTPUT/events/rl_train.jsonl (training prompts) and rl_heldout.jsonl

@@ -21,8 +21,8 @@ from posttrain.errors import ConfigError, DataError
 from posttrain.parallel.build import build_model_for
 from posttrain.train.distill import check_teacher_tokenizer, distill_loss, topk_distill_loss
 from posttrain.train.losses import chunked_cross_entropy
+from posttrain.train.run import Run
 from posttrain.train.setup import (
-    Timer,
     build_tokenizer,
     check_formats,
     in_world,
@@ -30,7 +30,6 @@ from posttrain.train.setup import (
     make_evaluate,
     make_trainer,
     print_notes,
-    start_output,
     train_export_summarise,
 )
 
@@ -143,12 +142,10 @@ def train(cfg: JobConfig) -> dict:
                     "distillation reads `distill` records with teacher_topk (`posttrain teacher-topk` "
                     "writes them); or set distill.teacher for an online teacher"
                 )
-    return in_world(cfg, lambda world: _train(cfg, world))
+    return in_world(cfg, lambda world, run: _train(cfg, world, run))
 
 
-def _train(cfg: JobConfig, world) -> dict:
-    timer = Timer()
-    out, config_yaml = start_output(cfg, world)
+def _train(cfg: JobConfig, world, run: Run) -> dict:
     online = cfg.distill.resolved_source == "online"
 
     # 1. Tokenizer (the teacher must share it) and data (offline: every record with its teacher top-k).
@@ -173,11 +170,11 @@ def _train(cfg: JobConfig, world) -> dict:
     loss_fn = distill_loss_fn(cfg, divergence, tokenizer.vocab_size)
 
     # 3. Trainer.
-    trainer = make_trainer(cfg, built, loss_fn, loader, world, out, config_yaml)
+    trainer = make_trainer(cfg, built, loss_fn, loader, world, run)
     evaluate = make_evaluate(built.module, eval_samples, cfg, tokenizer, loss_fn)
 
     # 4. Train, export, summarise.
-    return train_export_summarise(cfg, world, built, tokenizer, trainer, loader, timer, evaluate, eval_skips)
+    return train_export_summarise(cfg, world, built, tokenizer, trainer, loader, run, evaluate, eval_skips)
 
 
 main = train

@@ -21,8 +21,8 @@ from posttrain.errors import ConfigError
 from posttrain.models import lora
 from posttrain.parallel.build import build_model_for
 from posttrain.train.preference import count_pairs, dpo_loss, sequence_logprobs
+from posttrain.train.run import Run
 from posttrain.train.setup import (
-    Timer,
     build_tokenizer,
     check_formats,
     in_world,
@@ -30,7 +30,6 @@ from posttrain.train.setup import (
     make_evaluate,
     make_trainer,
     print_notes,
-    start_output,
     train_export_summarise,
 )
 
@@ -114,12 +113,10 @@ def train(cfg: JobConfig) -> dict:
         raise ConfigError(
             "dpo.reference=lora_disabled needs model.lora (the reference is the base without adapters)"
         )
-    return in_world(cfg, lambda world: _train(cfg, world))
+    return in_world(cfg, lambda world, run: _train(cfg, world, run))
 
 
-def _train(cfg: JobConfig, world) -> dict:
-    timer = Timer()
-    out, config_yaml = start_output(cfg, world)
+def _train(cfg: JobConfig, world, run: Run) -> dict:
 
     # 1. Tokenizer and preference pairs (one packed sample per pair).
     tokenizer = build_tokenizer(cfg.tokenizer)
@@ -157,11 +154,11 @@ def _train(cfg: JobConfig, world) -> dict:
     loss_fn = dpo_loss_fn(cfg, reference, tokenizer.vocab_size)
 
     # 3. Trainer (loss units: pairs).
-    trainer = make_trainer(cfg, built, loss_fn, loader, world, out, config_yaml, loss_units=count_pairs)
+    trainer = make_trainer(cfg, built, loss_fn, loader, world, run, loss_units=count_pairs)
     evaluate = make_evaluate(built.module, eval_samples, cfg, tokenizer, loss_fn, count_pairs)
 
     # 4. Train, export, summarise.
-    return train_export_summarise(cfg, world, built, tokenizer, trainer, loader, timer, evaluate, eval_skips)
+    return train_export_summarise(cfg, world, built, tokenizer, trainer, loader, run, evaluate, eval_skips)
 
 
 main = train

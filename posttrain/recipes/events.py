@@ -28,15 +28,14 @@ from posttrain.events.semantic_ids import EventVocab
 from posttrain.events.sequences import EventEncoder, Query, UserSequence, heldout_queries, token_table
 from posttrain.models.build import export_hf
 from posttrain.parallel.build import build_model_for
+from posttrain.train.run import Run
 from posttrain.train.setup import (
-    Timer,
     check_formats,
     in_world,
     make_loader,
     make_trainer,
     print_notes,
     run_summary,
-    start_output,
 )
 
 
@@ -52,12 +51,11 @@ def train(cfg: JobConfig) -> dict:
             "model.backend=hf: the events recipe needs model.backend=native (its heads run inside our "
             "models' forward, and beam search uses their KV cache)"
         )
-    return in_world(cfg, lambda world: _train(cfg, world))
+    return in_world(cfg, lambda world, run: _train(cfg, world, run))
 
 
-def _train(cfg: JobConfig, world) -> dict:
-    timer = Timer()
-    out, config_yaml = start_output(cfg, world)
+def _train(cfg: JobConfig, world, run: Run) -> dict:
+    out = run.out
     ev = cfg.events
 
     # 1. Events -> per-user sequences -> time split, and the vocabulary that makes them tokens.
@@ -98,9 +96,7 @@ def _train(cfg: JobConfig, world) -> dict:
         chunk_size=cfg.training.loss_chunk_size_tokens,
         num_real_vocab=tokenizer.vocab_size,
     )
-    trainer = make_trainer(
-        cfg, built, loss_fn, loader, world, out, config_yaml, loss_units=lookups.count_events
-    )
+    trainer = make_trainer(cfg, built, loss_fn, loader, world, run, loss_units=lookups.count_events)
     evaluate = (
         periodic_evaluate(built.module, queries, lookups, ev.eval_ks, tokenizer.pad_id)
         if ITEM_HEAD in heads
@@ -109,7 +105,7 @@ def _train(cfg: JobConfig, world) -> dict:
 
     # 4. Train, export with the vocabulary beside it, evaluate against the baselines, summarise.
     # (without eval_every_steps the report below is the only evaluation: fit would repeat part of it)
-    final = trainer.fit(loader, evaluate if queries and cfg.training.eval_every_steps else None)
+    final = trainer.fit(loader, run, evaluate if queries and cfg.training.eval_every_steps else None)
     loader.close()
     hf_dir = (
         export_hf(built, tokenizer, out / "hf", dtype=cfg.training.export_dtype)
@@ -124,18 +120,9 @@ def _train(cfg: JobConfig, world) -> dict:
         report = evaluate_heldout(eval_model, queries, events, encoder, cfg, tokenizer.pad_id)
         print_report(report, ev.eval_ks, events.vocab, ev.loss_event_types)
         (out / "events_eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    return run_summary(
-        cfg,
-        world,
-        built,
-        trainer,
-        loader,
-        timer,
-        hf_dir,
-        {},
-        final=final,
-        events={**events.stats, "eval": report},
-    )
+    extra = {"events": {**events.stats, "eval": report}}
+    summary = run_summary(cfg, world, built, trainer, loader, run, hf_dir, {}, final=final, **extra)
+    return run.finish(summary, {"hf": hf_dir, "events_eval": out / "events_eval.json"})
 
 
 main = train

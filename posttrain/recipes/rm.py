@@ -14,8 +14,8 @@ import torch
 from posttrain.config import JobConfig
 from posttrain.parallel.build import build_model_for
 from posttrain.train.preference import bradley_terry_loss, count_pairs
+from posttrain.train.run import Run
 from posttrain.train.setup import (
-    Timer,
     build_tokenizer,
     check_formats,
     in_world,
@@ -23,7 +23,6 @@ from posttrain.train.setup import (
     make_evaluate,
     make_trainer,
     print_notes,
-    start_output,
     train_export_summarise,
 )
 
@@ -68,12 +67,10 @@ def rm_loss_fn(cfg: JobConfig):
 
 def train(cfg: JobConfig) -> dict:
     check_formats(cfg, ("preference",))
-    return in_world(cfg, lambda world: _train(cfg, world))
+    return in_world(cfg, lambda world, run: _train(cfg, world, run))
 
 
-def _train(cfg: JobConfig, world) -> dict:
-    timer = Timer()
-    out, config_yaml = start_output(cfg, world)
+def _train(cfg: JobConfig, world, run: Run) -> dict:
 
     # 1. Tokenizer and preference pairs.
     tokenizer = build_tokenizer(cfg.tokenizer)
@@ -87,11 +84,11 @@ def _train(cfg: JobConfig, world) -> dict:
     loss_fn = rm_loss_fn(cfg)
 
     # 3. Trainer (loss units: pairs); held-out pairwise accuracy as eval_accuracy.
-    trainer = make_trainer(cfg, built, loss_fn, loader, world, out, config_yaml, loss_units=count_pairs)
+    trainer = make_trainer(cfg, built, loss_fn, loader, world, run, loss_units=count_pairs)
     evaluate = make_evaluate(built.module, eval_samples, cfg, tokenizer, loss_fn, count_pairs)
 
     # 4. Train, export, summarise.
-    return train_export_summarise(cfg, world, built, tokenizer, trainer, loader, timer, evaluate, eval_skips)
+    return train_export_summarise(cfg, world, built, tokenizer, trainer, loader, run, evaluate, eval_skips)
 
 
 main = train

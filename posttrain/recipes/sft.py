@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from posttrain.config import JobConfig
 from posttrain.parallel.build import build_model_for
+from posttrain.train.run import Run
 from posttrain.train.setup import (
-    Timer,
     build_tokenizer,
     check_formats,
     in_world,
@@ -21,7 +21,6 @@ from posttrain.train.setup import (
     make_evaluate,
     make_trainer,
     print_notes,
-    start_output,
     train_export_summarise,
 )
 
@@ -31,12 +30,10 @@ FORMATS = ("chat", "prompt_completion", "tokens")
 def train(cfg: JobConfig, formats: tuple[str, ...] = FORMATS) -> dict:
     """Run the job; returns the summary that is also written to OUTPUT/summary.json."""
     check_formats(cfg, formats)
-    return in_world(cfg, lambda world: _train(cfg, world))
+    return in_world(cfg, lambda world, run: _train(cfg, world, run))
 
 
-def _train(cfg: JobConfig, world) -> dict:
-    timer = Timer()
-    out, config_yaml = start_output(cfg, world)
+def _train(cfg: JobConfig, world, run: Run) -> dict:
 
     # 1. Tokenizer and data: training sources stream (mixed, sharded, packed in the background);
     #    the eval set is small and read once.
@@ -53,11 +50,11 @@ def _train(cfg: JobConfig, world) -> dict:
     )
 
     # 3. Trainer.
-    trainer = make_trainer(cfg, built, loss_fn, loader, world, out, config_yaml)
+    trainer = make_trainer(cfg, built, loss_fn, loader, world, run)
     evaluate = make_evaluate(built.module, eval_samples, cfg, tokenizer, loss_fn)
 
     # 4. Train, export, summarise.
-    return train_export_summarise(cfg, world, built, tokenizer, trainer, loader, timer, evaluate, eval_skips)
+    return train_export_summarise(cfg, world, built, tokenizer, trainer, loader, run, evaluate, eval_skips)
 
 
 main = train

@@ -54,6 +54,20 @@ class GRPOController:
         self.checked = False  # the setup check runs on the first batch, before any update
         self.tokens_generated = 0
 
+    def resume(self, opt_steps_per_step: int) -> int:
+        """Put the policy (weights, optimizer, schedule, RNG), the prompt stream's position and the
+        weight version back from the latest checkpoint; returns the GRPO step to continue after (0 when
+        there is none)."""
+        resumed = self.policy.call("resume")[0]
+        if resumed is None:
+            return 0
+        opt_steps, data_state = resumed
+        start = opt_steps // opt_steps_per_step
+        self.prompts.load_state_dict(data_state)
+        self.version = start
+        print(f"[grpo] resumed at step {start}")
+        return start
+
     # ------------------------------------------------------------------------------ stages
     def generate(self, prompts: list, step: int, *, greedy: bool = False) -> list:
         shares = _split(prompts, len(self.rollout))

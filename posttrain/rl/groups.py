@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from posttrain.rl.grpo import empty_batch
 
@@ -79,6 +80,41 @@ class RayGroup:
             pass
         for a in self.workers:
             ray.kill(a)
+
+
+@dataclass
+class WorkerGroups:
+    """The four roles of a GRPO job, local or on Ray; `shutdown` frees them (and the Ray pools)."""
+
+    policy: LocalGroup | RayGroup
+    rollout: LocalGroup | RayGroup
+    reference: LocalGroup | RayGroup | None  # only with the KL term
+    reward: LocalGroup | RayGroup
+    pools: Pools | None = None
+
+    def shutdown(self) -> None:
+        for group in (self.policy, self.rollout, self.reference, self.reward):
+            if group is not None:
+                group.shutdown()
+        if self.pools is not None:
+            self.pools.remove()
+
+
+def make_groups(cfg, total_steps: int, semantic_ids=None) -> WorkerGroups:
+    """The policy (SPMD trainer of `total_steps` optimizer steps), rollout, reference (rl.kl_coef != 0)
+    and reward groups: plain objects in this process with rl.local, else Ray actors placed by pools.
+    `semantic_ids`: the event hook's constraint builder (posttrain/rl/workers.py build_constraint)."""
+    from posttrain.rl import workers
+
+    need_reference = cfg.rl.kl_coef != 0.0
+    if not cfg.rl.local:
+        return WorkerGroups(*ray_groups(cfg, total_steps, need_reference, semantic_ids))
+    return WorkerGroups(
+        LocalGroup([workers.PolicyWorker(cfg, total_steps, semantic_ids=semantic_ids)]),
+        LocalGroup([workers.RolloutWorker(cfg, semantic_ids) for _ in range(cfg.rl.rollout_workers)]),
+        LocalGroup([workers.ReferenceWorker(cfg, semantic_ids)]) if need_reference else None,
+        LocalGroup([workers.RewardWorker(cfg)]),
+    )
 
 
 def deal(batches: list[dict], ranks: int, pad_id: int, row_len: int) -> list[list[dict]]:

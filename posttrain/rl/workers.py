@@ -122,7 +122,7 @@ def _batch_logprobs(model, batch: dict, cfg: JobConfig, tokenizer, *, entropy: b
 
 
 class _DataState:
-    """What Trainer.save/_resume expect of a loader, for state the controller owns (the prompt stream)."""
+    """What Trainer.save/resume expect of a loader, for state the controller owns (the prompt stream)."""
 
     state_is_per_rank = False
 
@@ -213,12 +213,12 @@ class PolicyWorker:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def save(self, data_state: dict) -> str:
-        return str(self.trainer.save(_DataState(data_state), Path(self.cfg.output_dir) / "checkpoints"))
+        return str(self.trainer.save(_DataState(data_state)))
 
     def resume(self) -> tuple[int, dict | None] | None:
         """(optimizer steps done, the controller's data state) from the latest checkpoint, or None."""
         holder = _DataState()
-        if not self.trainer._resume(holder, Path(self.cfg.output_dir) / "checkpoints"):
+        if not self.trainer.resume(holder):
             return None
         return self.trainer.state.step, holder.state
 

@@ -3,11 +3,8 @@ and the run summary. Each takes only the config section it needs."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +17,7 @@ from posttrain.data.samples import Annotate, Sample
 from posttrain.data.tokenizer import Tokenizer
 from posttrain.errors import ConfigError
 from posttrain.train.losses import chunked_cross_entropy
+from posttrain.train.run import Run
 
 
 def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
@@ -180,25 +178,19 @@ def check_formats(cfg, formats: tuple[str, ...]) -> None:
 
 
 def in_world(cfg, body):
-    """Run body(world) as this process's part of the job: join the process group (a world of one
+    """Run body(world, run) as this process's part of the job: join the process group (a world of one
     without a launcher; the layout is checked against the model's heads before any weight is
-    touched), and always leave it."""
-    from posttrain.metrics import runs
+    touched), start the Run (start_run: OUTPUT/, status, seeds), and always leave the group. A body
+    that raises marks the run failed or interrupted (posttrain/train/run.py)."""
     from posttrain.models.build import head_counts
     from posttrain.parallel.world import close_world, init_world
 
     world = init_world(cfg.parallelism, device=cfg.training.device, **head_counts(cfg.model))
     try:
-        result = body(world)
-    except BaseException as err:  # OUTPUT/status.json says how the job ended (posttrain runs)
-        if world.is_main and Path(cfg.output_dir).is_dir():
-            runs.mark_ended(Path(cfg.output_dir), runs.end_status(err), err)
-        raise
+        with start_run(cfg, world) as run:
+            return body(world, run)
     finally:
         close_world(world)
-    if world.is_main:
-        runs.mark_ended(Path(cfg.output_dir), "finished")
-    return result
 
 
 def progress_mode(cfg, world=None) -> str:
@@ -207,25 +199,24 @@ def progress_mode(cfg, world=None) -> str:
     return cfg.metrics.progress if main else "quiet"
 
 
-def start_output(cfg, world) -> tuple[Path, str]:
-    """OUTPUT/ with its config.yaml and status.json (rank 0 writes); seeds every RNG; checks that the
-    listed trackers' packages are installed. Returns (output dir, config YAML)."""
+def start_run(cfg, world) -> Run:
+    """The job's Run (posttrain/train/run.py: OUTPUT/ with config.yaml and status.json, written by rank
+    0; the trackers' packages checked) and every RNG seeded. Recipes use it as `with start_run(...)`."""
     from posttrain.config import dump_job
-    from posttrain.metrics import runs
-    from posttrain.metrics.trackers import check_trackers
 
-    check_trackers(cfg.metrics)
-    out = Path(cfg.output_dir)
-    config_yaml = dump_job(cfg)
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_yaml)
-        runs.mark_started(out, cfg.recipe, world.world_size)
+    run = Run(
+        cfg.output_dir,
+        cfg.recipe,
+        dump_job(cfg),
+        cfg.metrics,
+        is_main=world.is_main,
+        world_size=world.world_size,
+    )
     seed_everything(cfg.seed)
-    return out, config_yaml
+    return run
 
 
-def make_trainer(cfg, built, loss_fn, loader, world, out: Path, config_yaml: str, **kwargs):
+def make_trainer(cfg, built, loss_fn, loader, world, run: Run, **kwargs):
     """The shared Trainer for a job: steps from training.max_steps/num_epochs, accumulation from the
     world's data-parallel size, FLOPs of the built model. kwargs: e.g. loss_units for pair losses."""
     from posttrain.metrics.mfu import peak_flops
@@ -242,13 +233,12 @@ def make_trainer(cfg, built, loss_fn, loader, world, out: Path, config_yaml: str
         schedule=cfg.schedule,
         total_steps=total_steps_for(cfg.training, loader, world, progress_mode(cfg, world)),
         grad_accum_steps=gradient_accumulation_steps(cfg.training, world.dp_size),
-        output_dir=out,
-        config_yaml=config_yaml,
+        output_dir=run.out,
+        config_yaml=run.config_yaml,
         flops_fn=flops_fn_for(built),
         peak_flops_per_s=peak_flops(cfg.metrics.peak_flops_per_s, device),
         progress=cfg.metrics.progress,
         world=world,
-        metrics=cfg.metrics,
         autocast_dtype=autocast_dtype(cfg.model.dtype, cfg.parallelism, world),
         **kwargs,
     )
@@ -296,35 +286,26 @@ def make_evaluate(model, samples: list[Sample], cfg, tokenizer, loss_fn, loss_un
 
 
 def train_export_summarise(
-    cfg, world, built, tokenizer, trainer, loader, timer, evaluate, eval_skips
+    cfg, world, built, tokenizer, trainer, loader, run: Run, evaluate, eval_skips
 ) -> dict:
-    """The end every recipe shares: fit (resuming if asked), export OUTPUT/hf, write summary.json,
-    then hand the trackers the artifacts' locations and close them."""
-    from posttrain.metrics.runs import end_status
+    """The end every supervised recipe shares: fit (resuming if asked), export OUTPUT/hf, then the
+    run's summary.json and the artifacts handed to the trackers."""
     from posttrain.models.build import export_hf
 
-    out = Path(cfg.output_dir)
-    try:
-        final = trainer.fit(loader, evaluate)
-        loader.close()
-        mode = progress_mode(cfg, world)
-        hf_dir = (
-            export_hf(built, tokenizer, out / "hf", progress=mode, dtype=cfg.training.export_dtype)
-            if cfg.training.export_hf
-            else None
-        )
-        summary = run_summary(cfg, world, built, trainer, loader, timer, hf_dir, eval_skips, final=final)
-    except BaseException as err:
-        trainer.end_tracking(end_status(err))
-        raise
-    trainer.end_tracking(
-        "finished", {"hf": hf_dir, "summary": out / "summary.json", "config": out / "config.yaml"}
+    final = trainer.fit(loader, run, evaluate)
+    loader.close()
+    mode = progress_mode(cfg, world)
+    hf_dir = (
+        export_hf(built, tokenizer, run.out / "hf", progress=mode, dtype=cfg.training.export_dtype)
+        if cfg.training.export_hf
+        else None
     )
-    return summary
+    summary = run_summary(cfg, world, built, trainer, loader, run, hf_dir, eval_skips, final=final)
+    return run.finish(summary, {"hf": hf_dir})
 
 
-def run_summary(cfg, world, built, trainer, loader, timer, hf_dir, eval_skips: dict, **extra) -> dict:
-    """summary.json's common fields (rank 0 writes it); recipes add their own with `extra`."""
+def run_summary(cfg, world, built, trainer, loader, run: Run, hf_dir, eval_skips: dict, **extra) -> dict:
+    """summary.json's common fields (Run.finish writes it); recipes add their own with `extra`."""
     model = built.module
     summary = {
         "recipe": cfg.recipe,
@@ -340,7 +321,7 @@ def run_summary(cfg, world, built, trainer, loader, timer, hf_dir, eval_skips: d
         "model_notes": built.notes,
         "tokens_seen": trainer.state.tokens_seen,
         "fill_rate": loader.fill_rate,
-        "wall_time_s": timer.elapsed_s,
+        "wall_time_s": run.elapsed_s,
         "hf_dir": str(hf_dir) if hf_dir else None,
         "world_size": world.world_size,
         "parallelism": {
@@ -350,21 +331,4 @@ def run_summary(cfg, world, built, trainer, loader, timer, hf_dir, eval_skips: d
         },
         **extra,
     }
-    if world.is_main:
-        write_summary(Path(cfg.output_dir), summary)
     return summary
-
-
-def write_summary(out_dir: Path, summary: dict) -> Path:
-    path = Path(out_dir) / "summary.json"
-    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return path
-
-
-class Timer:
-    def __init__(self):
-        self.t0 = time.perf_counter()
-
-    @property
-    def elapsed_s(self) -> float:
-        return time.perf_counter() - self.t0

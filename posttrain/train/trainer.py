@@ -10,8 +10,8 @@ default). The trainer owns everything that must never drift between recipes:
 * non-finite detection: a step with a NaN/inf loss or gradient is skipped and counted, and the run
   aborts once `max_nonfinite_steps` is reached;
 * periodic full-state checkpoints and exact resume;
-* metrics per optimizer step (loss, lr, grad norm, tokens/s, MFU, peak memory) to every tracker of
-  `metrics.trackers` (metrics.jsonl always; see posttrain/metrics/trackers.py), status.json, and progress.
+* metrics per optimizer step (loss, lr, grad norm, tokens/s, MFU, peak memory), which `fit` hands to
+  the run (posttrain/train/run.py: trackers, status.json, progress, the log/eval/save cadence).
 
 Distributed runs use the same loop. The loss units are summed over data-parallel ranks before any
 backward, and each rank's loss is scaled so that FSDP's gradient average becomes the global
@@ -29,18 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from posttrain.config import MetricsConfig, OptimConfig, ScheduleConfig, TrainingConfig
+from posttrain.config import OptimConfig, ScheduleConfig, TrainingConfig
 from posttrain.data.labels import IGNORE
 from posttrain.errors import PosttrainError
-from posttrain.metrics import runs
-from posttrain.metrics.progress import Progress
-from posttrain.metrics.trackers import Trackers, open_trackers
 from posttrain.parallel.parallelize import clip_grad_norm
 from posttrain.parallel.world import World
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.optim import build_optimizer, lr_at, set_lr
+from posttrain.train.run import Run
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 
@@ -89,7 +86,6 @@ class Trainer:
         progress: str = "auto",
         loss_units: Callable[[dict], int] = count_loss_tokens,
         world: World | None = None,
-        metrics: MetricsConfig | None = None,  # trackers and progress cadence (default: metrics.jsonl only)
         autocast_dtype: torch.dtype | None = None,  # forward under autocast (parallelize.autocast_dtype)
     ):
         self.model, self.loss_fn, self.loss_units = model, loss_fn, loss_units
@@ -98,8 +94,6 @@ class Trainer:
         self.output_dir, self.config_yaml = Path(output_dir), config_yaml
         self.flops_fn, self.peak_flops = flops_fn, peak_flops_per_s
         self.progress_mode = progress
-        self.metrics_cfg = metrics or MetricsConfig()
-        self.trackers = Trackers([])  # opened by fit() on rank 0; see end_tracking()
         self.optimizer = build_optimizer(model, optim)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.world = world or World()
@@ -173,63 +167,40 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------------------ the loop
-    def fit(self, loader, evaluate: Callable[[], dict] | None = None) -> dict:
-        """Train to `total_steps`, resuming first if asked; returns the final metrics."""
-        ckpt_root = self.output_dir / "checkpoints"
-        resumed = self.training.resume and self._resume(loader, ckpt_root)
-        main = self.world.is_main
-        if main:  # a tracker that cannot start fails here, before the first step
-            config = yaml.safe_load(self.config_yaml) or {}
-            resume_step = self.state.step if resumed else None
-            self.trackers = open_trackers(self.metrics_cfg, self.output_dir, config, resume_step)
-        mode = self.progress_mode if main else "quiet"
-        progress = Progress(
-            self.total_steps, "train", mode, every_s=self.metrics_cfg.progress_every_s, start=self.state.step
+    def fit(self, loader, run: Run, evaluate: Callable[[], dict] | None = None) -> dict:
+        """Train to `total_steps` on the run's loop, resuming first if training.resume; returns the final
+        metrics (the last step's and the last evaluation's)."""
+        resumed = self.training.resume and self.resume(loader)
+        run.open(self.state.step if resumed else None)
+
+        def step(n: int) -> dict:
+            micro = [loader.next_micro_batch() for _ in range(self.grad_accum_steps)]
+            metrics = self.train_step(micro)
+            metrics["fill_rate"] = loader.fill_rate
+            metrics.update(getattr(loader, "step_metrics", dict)())  # per-source counts, data wait
+            ckpt.fault_point("train_step", n)  # test hook (POSTTRAIN_FAULT), a no-op otherwise
+            self.state.last_metrics = metrics
+            return metrics
+
+        _, eval_metrics = run.loop(
+            self.training,
+            start=self.state.step,
+            total=self.total_steps,
+            step=step,
+            evaluate=evaluate,
+            save=lambda: self.save(loader),
+            show=lambda m: {"loss": m["loss"], "tok_s": round(m["tokens_per_s"])},
         )
-        eval_metrics: dict = {}
-        try:
-            while self.state.step < self.total_steps:
-                micro = [loader.next_micro_batch() for _ in range(self.grad_accum_steps)]
-                metrics = self.train_step(micro)
-                metrics["fill_rate"] = loader.fill_rate
-                metrics.update(getattr(loader, "step_metrics", dict)())  # per-source counts, data wait
-                step = self.state.step
-                ckpt.fault_point("train_step", step)  # test hook (POSTTRAIN_FAULT), a no-op otherwise
-                if step % self.training.log_every_steps == 0 or step == self.total_steps:
-                    self.trackers.log_metrics(step, metrics)
-                    if main:
-                        runs.mark_step(self.output_dir, step, self.total_steps)
-                if evaluate and self.training.eval_every_steps and step % self.training.eval_every_steps == 0:
-                    eval_metrics = evaluate()
-                    self.trackers.log_eval(step, eval_metrics)
-                self.state.last_metrics = metrics
-                progress.update(step, loss=metrics["loss"], tok_s=round(metrics["tokens_per_s"]))
-                if self.training.save_every_steps and step % self.training.save_every_steps == 0:
-                    self.save(loader, ckpt_root)
-            if evaluate and not (
-                self.training.eval_every_steps and self.state.step % self.training.eval_every_steps == 0
-            ):
-                eval_metrics = evaluate()
-                self.trackers.log_eval(self.state.step, eval_metrics)
-        except BaseException as err:
-            self.end_tracking(runs.end_status(err))
-            raise
-        finally:
-            progress.close()
         return {**self.state.last_metrics, **eval_metrics}
 
-    def end_tracking(self, status: str = "finished", artifacts: dict[str, Path | None] | None = None) -> None:
-        """Tell the trackers where the final artifacts are and close them (idempotent). fit() leaves
-        them open on success so that the export that follows can be recorded; a recipe calls this last
-        (posttrain.train.setup.train_export_summarise does)."""
-        for name, path in (artifacts or {}).items():
-            if path is not None and Path(path).exists():
-                self.trackers.log_artifact(name, Path(path))
-        self.trackers.finish(status)
-
     # ------------------------------------------------------------------------------ state
-    def save(self, loader, root: Path) -> Path:
-        """A full checkpoint (collective: every rank calls it); see posttrain/train/checkpoint.py."""
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def save(self, loader) -> Path:
+        """A full checkpoint under OUTPUT/checkpoints (collective: every rank calls it), with the loader's
+        state (any object with state_dict/load_state_dict); see posttrain/train/checkpoint.py."""
         per_rank_data = getattr(loader, "state_is_per_rank", False)
         trainer_state = {
             "trainer": vars(self.state).copy(),
@@ -239,7 +210,7 @@ class Trainer:
         }
         rank_state = {"data": loader.state_dict()} if per_rank_data else {}
         return ckpt.save_checkpoint(
-            root,
+            self.checkpoint_dir,
             self.state.step,
             self.model,
             self.optimizer,
@@ -250,8 +221,10 @@ class Trainer:
             progress=self.progress_mode if self.world.is_main else "quiet",
         )
 
-    def _resume(self, loader, root: Path) -> bool:
-        path = ckpt.latest_checkpoint(root)
+    def resume(self, loader) -> bool:
+        """Load the latest checkpoint under OUTPUT/checkpoints into the model, optimizer, trainer state,
+        RNGs and `loader`; False when there is none (a fresh run)."""
+        path = ckpt.latest_checkpoint(self.checkpoint_dir)
         if path is None:
             return False
         saved, mine = ckpt.load_into(path, self.model, self.optimizer)
